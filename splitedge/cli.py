@@ -16,8 +16,18 @@ from collections.abc import Sequence
 from splitedge import __version__
 from splitedge.errors import SplitedgeError
 
-# Order is the order in `--help`.
-COMMAND_MODULES = ("train", "export", "bundle")
+# Preferred order in `--help`; any other module in splitedge/commands is listed after these.
+COMMAND_ORDER = ("demo", "train", "export", "bundle", "serve", "edge", "measure", "bench",
+                 "flash", "status", "rollback", "llm")
+
+
+def _command_modules() -> list[str]:
+    import pkgutil
+
+    import splitedge.commands as pkg
+
+    found = {m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")}
+    return [n for n in COMMAND_ORDER if n in found] + sorted(found - set(COMMAND_ORDER))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"splitedge {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in _command_modules():
         importlib.import_module(f"splitedge.commands.{name}").register(sub)
     return parser
 
