@@ -1,0 +1,49 @@
+"""The closed loop on the device: observation -> encoder -> server -> action -> env.step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge.client import PolicyClient
+from edge.envs import make_env
+from edge.telemetry import StepRecord
+
+
+@dataclass
+class LoopResult:
+    """What a closed-loop run did: per-step records and finished episodes' returns."""
+
+    records: list[StepRecord] = field(default_factory=list)
+    episode_returns: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_loop(client: PolicyClient, steps: int, seed: int = 0, env: Any = None,
+             on_step: Callable[[int], None] | None = None) -> LoopResult:
+    """Run `steps` decisions against the bundle's task (or a given env); never raises on link trouble."""
+    env = env if env is not None else make_env(client.bundle.policy["task"], seed=seed)
+    obs, _ = env.reset(seed=seed)
+    result, ep_return, episode = LoopResult(), 0.0, 0
+    t0 = time.perf_counter()
+    for i in range(steps):
+        action = client.act(obs)
+        d = client.last
+        assert d is not None
+        obs, reward, terminated, truncated, _ = env.step(action)
+        ep_return += reward
+        result.records.append(StepRecord(
+            step=i, encode_ms=d.encode_ms, rtt_ms=d.rtt_ms, server_queue_ms=d.server_queue_ms,
+            server_compute_ms=d.server_compute_ms, total_ms=d.total_ms, bytes_up=d.bytes_up,
+            bytes_down=d.bytes_down, fallback=d.fallback, reward=float(reward)))
+        if terminated or truncated:
+            result.episode_returns.append(ep_return)
+            episode += 1
+            ep_return = 0.0
+            obs, _ = env.reset(seed=seed + episode)
+        if on_step is not None:
+            on_step(i)
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,56 @@
+"""numpy <-> splitedge.v1.Tensor on the device side, and the frame codecs for raw offload."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from protos import policy_pb2 as pb
+
+DTYPES: dict[str, int] = {
+    "uint8": pb.UINT8, "float16": pb.FLOAT16, "float32": pb.FLOAT32, "int64": pb.INT64, "int32": pb.INT32,
+}
+NUMPY_OF = {v: np.dtype(k) for k, v in DTYPES.items()}
+CODECS = {"none": pb.CODEC_NONE, "png": pb.CODEC_PNG, "jpeg": pb.CODEC_JPEG}
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def to_tensor(array: np.ndarray, scale: float = 0.0, zero_point: int = 0) -> pb.Tensor:
+    """A raw (codec none) tensor carrying the array's bytes, little-endian."""
+    a = np.ascontiguousarray(array)
+    return pb.Tensor(shape=list(a.shape), dtype=DTYPES[a.dtype.name], data=a.tobytes(),
+                     scale=scale, zero_point=zero_point)
+
+
+def from_tensor(t: pb.Tensor) -> np.ndarray:
+    """The array a raw tensor carries (raises ValueError on a size mismatch)."""
+    dtype = NUMPY_OF.get(t.dtype)
+    if dtype is None or t.codec != pb.CODEC_NONE:
+        raise ValueError(f"cannot decode tensor dtype={t.dtype} codec={t.codec}")
+    shape = tuple(t.shape)
+    if len(t.data) != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"tensor of shape {shape} {dtype} has {len(t.data)} bytes")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+
+
+def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int = 90) -> pb.Tensor:
+    """A uint8 (C, H, W) frame as a tensor; png/jpeg put the C planes in an image's channels (HWC).
+
+    JPEG has no 4-channel mode, so only C in (1, 3) can be sent as jpeg.
+    """
+    if codec == "none":
+        return to_tensor(frame)
+    from PIL import Image
+
+    c = frame.shape[0]
+    if c not in _PIL_MODES or (codec == "jpeg" and c == 4):
+        raise ValueError(f"{codec} frames need 1 or 3{' or 4' if codec == 'png' else ''} channels, got {c}")
+    hwc = frame[0] if c == 1 else np.ascontiguousarray(frame.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    img = Image.fromarray(hwc)  # infers L / RGB / RGBA from the array shape
+    if codec == "png":
+        img.save(buf, format="PNG", compress_level=1)  # fast: the device CPU is the scarce part
+    else:
+        img.save(buf, format="JPEG", quality=jpeg_quality)
+    return pb.Tensor(shape=list(frame.shape), dtype=pb.UINT8, data=buf.getvalue(), codec=CODECS[codec])
