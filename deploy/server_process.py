@@ -1,0 +1,84 @@
+"""Run `splitedge serve` in a child process and wait until its health check says SERVING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitedge.errors import SplitedgeError
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout_s: float) -> None:
+    """Poll grpc.health.v1 until SERVING; raise TimeoutError past timeout_s."""
+    end = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < end:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"policy server at {address} not SERVING after {timeout_s:.0f} s")
+
+
+class ServerProcess:
+    """A policy server in its own process (so it never shares the edge loop's GIL)."""
+
+    def __init__(self, bundle: Path, port: int | None = None, extra_args: list[str] | None = None,
+                 startup_timeout_s: float = 60.0):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._args = [sys.executable, "-m", "splitedge", "serve", "--bundle", str(bundle),
+                      "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or [])]
+        self._timeout = startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        # stderr to a file, not a pipe: a chatty server must never block on a full pipe
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=self._err,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_serving(self.address, self._timeout)
+        except TimeoutError as e:
+            err = self._stop()
+            raise SplitedgeError(f"{e}; server said: {err.strip()[-400:] or '(nothing)'}") from e
+        return self
+
+    def _stop(self) -> str:
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.seek(0)
+        err = self._err.read().decode(errors="replace")
+        self._err.close()
+        self.proc = None
+        return err
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
