@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 
 from edge.envs import make_env
 from models.export import sb3_actions
@@ -45,7 +44,6 @@ def test_tiny_bundle_matches_sb3_predict(tiny_run: Path, tiny_bundle: Path) -> N
     assert np.array_equal(full, ref)
 
 
-@pytest.mark.skipif(not ZOO_BUNDLE.exists(), reason="zoo bundle not built yet")
 def test_zoo_bundle_matches_its_sb3_model() -> None:
     obs = _observations("cartpole-pixels", 300, seed=3)
     ref = sb3_actions(ROOT / "models" / "zoo" / "cartpole-ppo.sb3.zip", obs)
