@@ -1,0 +1,1 @@
+"""Deployment tooling: link profiles and emulation, bundling, flashing, measurement."""

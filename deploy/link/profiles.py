@@ -1,0 +1,118 @@
+"""Link profiles (rate, one-way delay, jitter, queue) loaded from TOML, and the analytic bound."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from splitedge.errors import SplitedgeError
+
+DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "links.toml"
+PACKET_BYTES = 1500  # one Ethernet-sized packet: the emulators' unit of serialisation
+DEFAULT_QUEUE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """One emulated link; rates in kbit/s (1000 bit), delays in ms, one-way."""
+
+    name: str
+    up_kbit: float  # device -> server
+    down_kbit: float  # server -> device
+    delay_ms: float  # one-way propagation delay; RTT = 2 * delay_ms
+    jitter_ms: float = 0.0  # per-packet uniform jitter in [-jitter_ms, +jitter_ms]
+    queue_bytes: int = DEFAULT_QUEUE_BYTES  # per-direction queue before the serial link
+    source: str = ""  # where the numbers come from
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"link profile needs a name, got {self.name!r}")
+        for key in ("up_kbit", "down_kbit"):
+            value = getattr(self, key)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"link {self.name!r}: {key} must be a finite rate > 0, got {value!r}"
+                )
+        for key in ("delay_ms", "jitter_ms"):
+            value = getattr(self, key)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"link {self.name!r}: {key} must be finite and >= 0, got {value!r}"
+                )
+        if self.jitter_ms > self.delay_ms:
+            # Symmetric jitter larger than the delay would deliver packets before they were sent.
+            raise ValueError(
+                f"link {self.name!r}: jitter_ms ({self.jitter_ms}) must not exceed delay_ms ({self.delay_ms})"
+            )
+        if not isinstance(self.queue_bytes, int) or isinstance(self.queue_bytes, bool):
+            raise ValueError(
+                f"link {self.name!r}: queue_bytes must be an integer, got {self.queue_bytes!r}"
+            )
+        if self.queue_bytes < PACKET_BYTES:
+            raise ValueError(
+                f"link {self.name!r}: queue_bytes must hold at least one {PACKET_BYTES}-byte packet, "
+                f"got {self.queue_bytes}"
+            )
+        if not isinstance(self.source, str):
+            raise ValueError(f"link {self.name!r}: source must be a string, got {self.source!r}")
+
+    @property
+    def rtt_ms(self) -> float:
+        """Round-trip propagation delay without serialisation."""
+        return 2.0 * self.delay_ms
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def bound_ms(profile: LinkProfile, bytes_up: int, bytes_down: int) -> float:
+    """Analytic floor of one request/reply exchange: round-trip delay + serialisation both ways."""
+    # kbit/s is bit/ms, so bytes * 8 / kbit is milliseconds.
+    return profile.rtt_ms + bytes_up * 8 / profile.up_kbit + bytes_down * 8 / profile.down_kbit
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
+    """Profiles from a TOML file (one table per profile); the shipped deploy/links.toml by default."""
+    path = Path(path) if path is not None else DEFAULT_PROFILES
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise SplitedgeError(
+            f"link profile file {path} not found; pass an existing TOML file"
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SplitedgeError(f"cannot read link profiles from {path}: {e}; fix the TOML") from None
+    known = {f.name for f in fields(LinkProfile)} - {"name"}
+    profiles: dict[str, LinkProfile] = {}
+    for name, table in doc.items():
+        if not isinstance(table, dict):
+            raise SplitedgeError(
+                f"{path}: '{name}' must be a [table] of link settings, got {table!r}"
+            )
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise SplitedgeError(
+                f"{path}: profile '{name}' has unknown keys {unknown}; allowed: {sorted(known)}"
+            )
+        try:
+            profiles[name] = LinkProfile(name=name, **table)
+        except (TypeError, ValueError) as e:
+            raise SplitedgeError(f"{path}: {e}") from None
+    return profiles
+
+
+def get_profile(name: str, path: str | Path | None = None) -> LinkProfile:
+    """The profile called name (case-insensitive), or a SplitedgeError listing the known ones."""
+    profiles = load_profiles(path)
+    for key in (name, name.strip().lower()):
+        if key in profiles:
+            return profiles[key]
+    raise SplitedgeError(f"unknown link profile '{name}'; known: {', '.join(sorted(profiles))}")
