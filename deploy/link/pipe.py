@@ -11,7 +11,7 @@ from deploy.link.model import SerialLink
 from deploy.link.profiles import PACKET_BYTES
 
 _READ_MAX = 64 * 1024  # largest single read when the queue has room
-_EOF = b""  # marker in a delivery queue: the sender half-closed (or went away)
+_EOF = None  # in a delivery queue: the sender half-closed (or went away) here
 
 
 class Stream:
@@ -25,7 +25,7 @@ class Stream:
         self.count = count
         self.src: Side | None = None
         self.dst: Side | None = None
-        self.deliveries: deque[tuple[float, bytes]] = deque()  # (due time, bytes) in order
+        self.deliveries: deque[tuple[float, bytes | None]] = deque()  # (due time, bytes) in order
         self.last_due = 0.0  # TCP is ordered: nothing may be delivered before this
         self.timer: asyncio.TimerHandle | None = None
         self.resume_timer: asyncio.TimerHandle | None = None
@@ -75,7 +75,7 @@ class Stream:
         self.dst_full = full
         self._update_reading()
 
-    def _enqueue(self, due: float, data: bytes) -> None:
+    def _enqueue(self, due: float, data: bytes | None) -> None:
         due = max(due, self.last_due)
         self.last_due = due
         self.deliveries.append((due, data))
@@ -89,7 +89,7 @@ class Stream:
         eof = False
         while self.deliveries and self.deliveries[0][0] <= now:
             data = self.deliveries.popleft()[1]
-            if data is _EOF:
+            if data is None:  # _EOF
                 eof = True
                 break
             batch.append(data)
@@ -228,15 +228,17 @@ class Pipe:
         self._connect_task = self.loop.create_task(self._connect(host, port))
 
     async def _connect(self, host: str, port: int) -> None:
+        refused = False
         try:
             await self.loop.create_connection(lambda: self.upstream, host, port)
         except OSError:
-            self._connecting = False
+            refused = True
+        finally:
+            self._connecting = False  # also when cancelled by abort()
+        if refused:
             self.client.close()
-            self._check_end()
-            return
-        self._connecting = False
-        if self.client.closed:
+            self._check_end()  # in case the client had already gone
+        elif self.client.closed:
             self.upstream.close()
         else:
             self.client.set_reading(True)

@@ -68,11 +68,14 @@ class LinkProfile:
         return 2.0 * self.delay_ms
 
 
+_REQUIRED = ("up_kbit", "down_kbit", "delay_ms")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def bound_ms(profile: LinkProfile, bytes_up: int, bytes_down: int) -> float:
+def bound_ms(profile: LinkProfile, bytes_up: float, bytes_down: float) -> float:
     """Analytic floor of one request/reply exchange: round-trip delay + serialisation both ways."""
     # kbit/s is bit/ms, so bytes * 8 / kbit is milliseconds.
     return profile.rtt_ms + bytes_up * 8 / profile.up_kbit + bytes_down * 8 / profile.down_kbit
@@ -102,9 +105,12 @@ def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
             raise SplitedgeError(
                 f"{path}: profile '{name}' has unknown keys {unknown}; allowed: {sorted(known)}"
             )
+        missing = sorted(set(_REQUIRED) - set(table))
+        if missing:
+            raise SplitedgeError(f"{path}: profile '{name}' lacks {missing}; add them")
         try:
             profiles[name] = LinkProfile(name=name, **table)
-        except (TypeError, ValueError) as e:
+        except ValueError as e:
             raise SplitedgeError(f"{path}: {e}") from None
     return profiles
 

@@ -109,9 +109,10 @@ class LinkProxy:
         self._port = None
 
     def stats(self) -> dict[str, int]:
-        """Cumulative bytes_up (client -> upstream), bytes_down, connections, and peak queue use."""
+        """Cumulative bytes_up (client -> upstream), bytes_down, connections; open ones; peak queues."""
         return {
             **self._counts,
+            "open_connections": len(self._pipes),
             "queue_peak_up": int(self._up.peak_backlog),
             "queue_peak_down": int(self._down.peak_backlog),
         }
