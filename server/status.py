@@ -1,0 +1,23 @@
+"""The one place that chooses gRPC status codes for refused requests."""
+
+from __future__ import annotations
+
+import grpc
+
+from server.errors import Kind
+
+CODES: dict[Kind, grpc.StatusCode] = {
+    Kind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Kind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+# Not ours to choose: a request over ServerConfig.max_message_bytes is refused by gRPC itself
+# with RESOURCE_EXHAUSTED before any handler runs; that is a clear status, so we keep it.
+
+
+def code_for(kind: Kind) -> grpc.StatusCode:
+    """The status code a refused request of this kind gets."""
+    return CODES[kind]

@@ -1,0 +1,95 @@
+"""`splitedge serve`: run the policy server for one bundle until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from splitedge.output import emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the policy server for a bundle",
+        description="Serve a policy bundle over gRPC (splitedge.v1.Policy, with "
+        "grpc.health.v1 and reflection): split clients send features, raw clients "
+        "send frames. Blocks until SIGTERM or Ctrl-C, then drains and exits 0.",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)",
+    )
+    p.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        help="most requests per onnxruntime call (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=0.0,
+        help="how long a request may wait for others to batch with; 0 = take what "
+        "is queued, never wait (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=32,
+        help="gRPC threads: concurrent calls and open streams (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=5.0,
+        help="time in-flight calls get to finish on shutdown (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the startup line as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.app import serve
+    from server.config import ServerConfig
+    from splitedge.errors import SplitedgeError
+
+    try:
+        cfg = ServerConfig(
+            bundle=args.bundle,
+            host=args.host,
+            port=args.port,
+            max_batch=args.max_batch,
+            max_delay_ms=args.max_delay_ms,
+            workers=args.workers,
+            grace_s=args.grace_s,
+        )
+    except ValueError as e:
+        raise SplitedgeError(f"bad server option: {e}") from e
+
+    def ready(servicer: Any, port: int) -> None:
+        m = servicer.models
+        result = {
+            "name": m.name,
+            "version": m.version,
+            "encoder_digest": m.digest,
+            "host": cfg.host,
+            "port": port,
+            "address": f"{cfg.host}:{port}",
+            "health": True,
+            "reflection": True,
+        }
+        emit(
+            result,
+            args.json,
+            f"serving {m.name} {m.version} (encoder {m.digest[:12]}) on "
+            f"{cfg.host}:{port} — health and reflection on",
+        )
+        sys.stdout.flush()  # whoever started us may be waiting for this line on a pipe
+
+    return serve(cfg, on_ready=ready)
