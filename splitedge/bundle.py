@@ -128,8 +128,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Open a bundle directory or .tar; with verify, refuse it if any file does not match."""
+def load_bundle(path: str | Path, verify: bool = True, public_key: str | Path | None = None) -> Bundle:
+    """Open a bundle directory or .tar; with verify, refuse it if any file does not match.
+
+    With public_key (an ed25519 key file), also refuse it unless manifest.sig is a valid
+    signature of manifest.json by that key (see splitedge.signing).
+    """
     path = Path(path)
     tmp = None
     if path.is_file() and tarfile.is_tarfile(path):
@@ -149,4 +153,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise SplitedgeError(
                 f"bundle {path} failed verification: {'; '.join(problems)}. Rebuild or re-copy it."
             )
+    if public_key is not None:
+        from splitedge.signing import verify_signature
+
+        verify_signature(root, public_key)
     return Bundle(root=root, manifest=manifest, _tmp=tmp)

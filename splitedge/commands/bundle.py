@@ -1,17 +1,17 @@
-"""`splitedge bundle verify|build`: check bundles against their manifests."""
+"""`splitedge bundle verify|sign`: check bundles against their manifests, sign them."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from splitedge.bundle import read_manifest, load_bundle, verify_files
+from splitedge.bundle import load_bundle, read_manifest, verify_files
 from splitedge.errors import SplitedgeError
 from splitedge.output import emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bundle", help="verify (and later sign) bundles")
+    p = sub.add_parser("bundle", help="verify and sign bundles")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     v = bsub.add_parser("verify", help="check every file's sha256 against the manifest",
                         description="Exit 0 if every file matches its manifest sha256; otherwise "
@@ -19,6 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("bundle", type=Path, help="bundle directory or .tar")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=verify)
+    s = bsub.add_parser("sign", help="sign a bundle's manifest with an ed25519 key",
+                        description="Write manifest.sig: an ed25519 signature over manifest.json, "
+                        "which pins every file's sha256. A device with a public key configured "
+                        "refuses bundles whose signature does not verify.")
+    s.add_argument("bundle", type=Path, help="bundle directory")
+    s.add_argument("--key", type=Path, required=True,
+                   help="ed25519 private key (PKCS#8 PEM or OpenSSH, unencrypted)")
+    s.add_argument("--generate", action="store_true",
+                   help="create the key pair first (KEY and KEY.pub) if KEY does not exist")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=sign)
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -33,4 +44,27 @@ def verify(args: argparse.Namespace) -> int:
     emit(result, args.json, text)
     if problems:
         raise SplitedgeError(f"{len(problems)} file(s) do not match the manifest", exit_code=1)
+    return 0
+
+
+def sign(args: argparse.Namespace) -> int:
+    from splitedge.signing import generate_keypair, public_key_line, sign_bundle, verify_signature
+
+    bundle = load_bundle(args.bundle)  # never sign files that do not match their manifest
+    public = Path(f"{args.key}.pub")
+    generated = False
+    if args.generate and not args.key.exists():
+        generate_keypair(args.key, public)
+        generated = True
+    sig = sign_bundle(bundle.root, args.key)
+    result = {"bundle": str(args.bundle), "name": bundle.name, "version": bundle.version,
+              "signature": str(sig), "key": str(args.key), "generated_key": generated}
+    if public.is_file():
+        verify_signature(bundle.root, public)  # prove the pair matches before anyone relies on it
+        result["public_key"] = str(public)
+        result["public_key_line"] = public_key_line(public)
+    text = f"{args.bundle}: signed {bundle.name} {bundle.version} -> {sig}"
+    if generated:
+        text += f"\nnew key pair: {args.key} (keep private), {public} (give to devices: flash --public-key)"
+    emit(result, args.json, text)
     return 0
