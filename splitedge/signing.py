@@ -53,6 +53,7 @@ def load_private_key(path: str | Path) -> Any:
 
     ed25519 = _crypto()
     data = _read(path, "private key")
+    key: Any
     try:
         if b"OPENSSH PRIVATE KEY" in data:
             key = ser.load_ssh_private_key(data, password=None)
@@ -71,6 +72,7 @@ def load_public_key(path: str | Path) -> Any:
 
     ed25519 = _crypto()
     data = _read(path, "public key").strip()
+    key: Any
     try:
         if data.startswith(b"ssh-"):
             key = ser.load_ssh_public_key(b" ".join(data.split()[:2]))
