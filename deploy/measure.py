@@ -43,9 +43,13 @@ class MeasureConfig:
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
-            raise SplitedgeError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+            raise SplitedgeError(
+                f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}"
+            )
         if self.steps < 1 or self.warmup < 0:
-            raise SplitedgeError(f"--steps must be >= 1 and warm-up >= 0 (got {self.steps}, {self.warmup})")
+            raise SplitedgeError(
+                f"--steps must be >= 1 and warm-up >= 0 (got {self.steps}, {self.warmup})"
+            )
         if not self.links:
             raise SplitedgeError("no links given; name some with --links (see deploy/links.toml)")
 
@@ -66,33 +70,71 @@ class Cell:
     def row(self) -> dict[str, Any]:
         s = self.summary
         return {
-            "link": self.link, "mode": self.mode, "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"],
-            "p99_ms": s["p99_ms"], "bound_ms": self.bound_ms, "p50_minus_bound_ms": s["p50_ms"] - self.bound_ms,
-            "up_B": self.wire_up, "down_B": self.wire_down, "msg_up_B": s["bytes_up"],
-            "msg_down_B": s["bytes_down"], "encode_ms": s["encode_ms"],
-            "server_ms": s["server_compute_ms"], "fallbacks": s["fallbacks"], "steps": s["steps"],
+            "link": self.link,
+            "mode": self.mode,
+            "p50_ms": s["p50_ms"],
+            "p95_ms": s["p95_ms"],
+            "p99_ms": s["p99_ms"],
+            "bound_ms": self.bound_ms,
+            "p50_minus_bound_ms": s["p50_ms"] - self.bound_ms,
+            "up_B": self.wire_up,
+            "down_B": self.wire_down,
+            "msg_up_B": s["bytes_up"],
+            "msg_down_B": s["bytes_down"],
+            "encode_ms": s["encode_ms"],
+            "server_ms": s["server_compute_ms"],
+            "fallbacks": s["fallbacks"],
+            "steps": s["steps"],
         }
 
 
-def measure_cell(bundle: Bundle, server: str, profile: LinkProfile, mode: str, cfg: MeasureConfig,
-                 on_step: Callable[[int], None] | None = None) -> Cell:
+def measure_cell(
+    bundle: Bundle,
+    server: str,
+    profile: LinkProfile,
+    mode: str,
+    cfg: MeasureConfig,
+    on_step: Callable[[int], None] | None = None,
+) -> Cell:
     """Run one cell through a fresh link proxy and client."""
     host, port = server.rsplit(":", 1)
     with LinkProxy(profile, upstream=(host, int(port))) as link:
-        client = PolicyClient(bundle, ClientConfig(server=link.address, mode=mode, backend=cfg.backend,
-                                                   rpc=cfg.rpc, deadline_s=cfg.deadline_s))
+        client = PolicyClient(
+            bundle,
+            ClientConfig(
+                server=link.address,
+                mode=mode,
+                backend=cfg.backend,
+                rpc=cfg.rpc,
+                deadline_s=cfg.deadline_s,
+            ),
+        )
         with client.connect():
             if cfg.warmup:
                 run_loop(client, cfg.warmup, seed=cfg.seed + 999)
             before = link.stats()
             result = run_loop(client, cfg.steps, seed=cfg.seed, on_step=on_step)
             after = link.stats()
+    failed = [r.error for r in result.records if r.fallback]
+    if len(failed) == cfg.steps:
+        raise SplitedgeError(
+            f"{profile.name}/{mode}: every decision fell back ({failed[0]}); "
+            "is the server healthy and the deadline long enough for this link?"
+        )
     up = (after["bytes_up"] - before["bytes_up"]) / cfg.steps
     down = (after["bytes_down"] - before["bytes_down"]) / cfg.steps
     summary = summarise(result.records)
     bound = bound_ms(profile, up, down) + summary["encode_ms"] + summary["server_compute_ms"]
-    return Cell(profile.name, mode, summary, up, down, bound, result.records,
-                client.encoder_reason or "none (raw mode)")
+    return Cell(
+        profile.name,
+        mode,
+        summary,
+        up,
+        down,
+        bound,
+        result.records,
+        client.encoder_reason or "none (raw mode)",
+    )
 
 
 def measure(cfg: MeasureConfig, progress: bool = True) -> list[Cell]:
@@ -105,8 +147,11 @@ def measure(cfg: MeasureConfig, progress: bool = True) -> list[Cell]:
         for profile in profiles:
             for mode in cfg.modes:
                 bar.set_description(f"{profile.name}/{mode}")
-                cells.append(measure_cell(bundle, server.address, profile, mode, cfg,
-                                          on_step=lambda _: bar.update(1)))
+                cells.append(
+                    measure_cell(
+                        bundle, server.address, profile, mode, cfg, on_step=lambda _: bar.update(1)
+                    )
+                )
     bar.close()
     return cells
 
@@ -125,6 +170,7 @@ def cells_to_json(cells: list[Cell], cfg: MeasureConfig) -> dict[str, Any]:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "encoder": cells[0].encoder if cells else "",
         "rows": [c.row() for c in cells],
-        "latencies_ms": {f"{c.link}/{c.mode}": [r.total_ms for r in c.records if not r.fallback]
-                         for c in cells},
+        "latencies_ms": {
+            f"{c.link}/{c.mode}": [r.total_ms for r in c.records if not r.fallback] for c in cells
+        },
     }

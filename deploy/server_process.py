@@ -31,7 +31,9 @@ def wait_serving(address: str, timeout_s: float) -> None:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < end:
             try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True)
+                r = stub.Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True
+                )
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -43,20 +45,40 @@ def wait_serving(address: str, timeout_s: float) -> None:
 class ServerProcess:
     """A policy server in its own process (so it never shares the edge loop's GIL)."""
 
-    def __init__(self, bundle: Path, port: int | None = None, extra_args: list[str] | None = None,
-                 startup_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        bundle: Path,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        startup_timeout_s: float = 60.0,
+    ):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self._args = [sys.executable, "-m", "splitedge", "serve", "--bundle", str(bundle),
-                      "--host", "127.0.0.1", "--port", str(self.port), *(extra_args or [])]
+        self._args = [
+            sys.executable,
+            "-m",
+            "splitedge",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *(extra_args or []),
+        ]
         self._timeout = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
         # stderr to a file, not a pipe: a chatty server must never block on a full pipe
         self._err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=self._err,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            self._args,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             wait_serving(self.address, self._timeout)
         except TimeoutError as e:

@@ -21,8 +21,13 @@ class LoopResult:
     seconds: float = 0.0
 
 
-def run_loop(client: PolicyClient, steps: int, seed: int = 0, env: Any = None,
-             on_step: Callable[[int], None] | None = None) -> LoopResult:
+def run_loop(
+    client: PolicyClient,
+    steps: int,
+    seed: int = 0,
+    env: Any = None,
+    on_step: Callable[[int], None] | None = None,
+) -> LoopResult:
     """Run `steps` decisions against the bundle's task (or a given env); never raises on link trouble."""
     env = env if env is not None else make_env(client.bundle.policy["task"], seed=seed)
     obs, _ = env.reset(seed=seed)
@@ -34,10 +39,21 @@ def run_loop(client: PolicyClient, steps: int, seed: int = 0, env: Any = None,
         assert d is not None
         obs, reward, terminated, truncated, _ = env.step(action)
         ep_return += reward
-        result.records.append(StepRecord(
-            step=i, encode_ms=d.encode_ms, rtt_ms=d.rtt_ms, server_queue_ms=d.server_queue_ms,
-            server_compute_ms=d.server_compute_ms, total_ms=d.total_ms, bytes_up=d.bytes_up,
-            bytes_down=d.bytes_down, fallback=d.fallback, reward=float(reward)))
+        result.records.append(
+            StepRecord(
+                step=i,
+                encode_ms=d.encode_ms,
+                rtt_ms=d.rtt_ms,
+                server_queue_ms=d.server_queue_ms,
+                server_compute_ms=d.server_compute_ms,
+                total_ms=d.total_ms,
+                bytes_up=d.bytes_up,
+                bytes_down=d.bytes_down,
+                fallback=d.fallback,
+                reward=float(reward),
+                error=d.error,
+            )
+        )
         if terminated or truncated:
             result.episode_returns.append(ep_return)
             episode += 1

@@ -60,7 +60,9 @@ class ClientConfig:
             try:
                 int(self.fallback)
             except ValueError as e:
-                raise SplitedgeError(f"fallback must be 'last' or an integer action, got {self.fallback!r}") from e
+                raise SplitedgeError(
+                    f"fallback must be 'last' or an integer action, got {self.fallback!r}"
+                ) from e
 
 
 @dataclass
@@ -145,22 +147,32 @@ class PolicyClient:
 
     def _open(self, timeout: float | None = None) -> None:
         self._close_channel()
-        self._channel = grpc.insecure_channel(self.config.server, options=[
-            ("grpc.max_receive_message_length", 8 << 20),
-            ("grpc.keepalive_time_ms", 10_000),
-        ])
+        self._channel = grpc.insecure_channel(
+            self.config.server,
+            options=[
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.keepalive_time_ms", 10_000),
+            ],
+        )
         self._stub = pb_grpc.PolicyStub(self._channel)
         mode = pb.MODE_SPLIT if self.config.mode == "split" else pb.MODE_RAW
         hello = pb.HelloRequest(
-            bundle_name=self.bundle.name, bundle_version=self.bundle.version,
-            encoder_digest=self.bundle.policy["encoder"]["digest"], mode=mode,
-            feature_spec=pb.TensorSpec(shape=self._out["shape"], dtype=DTYPES[self._out["dtype"]],
-                                       scale=self._out["scale"], zero_point=self._out["zero_point"]),
+            bundle_name=self.bundle.name,
+            bundle_version=self.bundle.version,
+            encoder_digest=self.bundle.policy["encoder"]["digest"],
+            mode=mode,
+            feature_spec=pb.TensorSpec(
+                shape=self._out["shape"],
+                dtype=DTYPES[self._out["dtype"]],
+                scale=self._out["scale"],
+                zero_point=self._out["zero_point"],
+            ),
             client_id=self.config.client_id,
         )
         try:
-            reply = self._stub.Hello(hello, timeout=timeout or max(self.config.deadline_s, 5.0),
-                                     wait_for_ready=True)
+            reply = self._stub.Hello(
+                hello, timeout=timeout or max(self.config.deadline_s, 5.0), wait_for_ready=True
+            )
         except grpc.RpcError as e:
             self._close_channel()
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -198,7 +210,9 @@ class PolicyClient:
         t1 = time.perf_counter()
         self._step += 1
         request = pb.ActRequest(session_id=self._session, step=self._step, input=tensor)
-        d = Decision(action=None, encode_ms=(t1 - t0) * 1e3, bytes_up=request.ByteSize() + GRPC_PREFIX)
+        d = Decision(
+            action=None, encode_ms=(t1 - t0) * 1e3, bytes_up=request.ByteSize() + GRPC_PREFIX
+        )
         try:
             reply = self._exchange(request, t0 + self.config.deadline_s)
         except (grpc.RpcError, ConnectionError, TimeoutError, queue.Empty) as e:
@@ -223,7 +237,9 @@ class PolicyClient:
             assert self.encoder is not None
             features = self.encoder.encode(frame[None])[0]
             return to_tensor(features, scale=self._out["scale"], zero_point=self._out["zero_point"])
-        return encode_frame(frame, {"raw": "none", "raw-png": "png", "raw-jpeg": "jpeg"}[self.config.mode])
+        return encode_frame(
+            frame, {"raw": "none", "raw-png": "png", "raw-jpeg": "jpeg"}[self.config.mode]
+        )
 
     def _exchange(self, request: pb.ActRequest, deadline: float) -> pb.ActReply:
         if self._stub is None:

@@ -25,31 +25,39 @@ class StepRecord:
     bytes_down: int
     fallback: bool
     reward: float = 0.0
+    error: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+    return (
+        float(np.percentile(np.asarray(values, dtype=np.float64), q))
+        if len(values)
+        else float("nan")
+    )
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
 
 
 def summarise(records: Sequence[StepRecord]) -> dict[str, float]:
     """p50/p95/p99 decision latency, mean parts, bytes per step each way, fallback count."""
     ok = [r for r in records if not r.fallback]
     total = [r.total_ms for r in ok]
-    mean = (lambda xs: float(np.mean(xs)) if xs else float("nan"))
     return {
         "steps": len(records),
         "p50_ms": percentile(total, 50),
         "p95_ms": percentile(total, 95),
         "p99_ms": percentile(total, 99),
-        "encode_ms": mean([r.encode_ms for r in ok]),
-        "rtt_ms": mean([r.rtt_ms for r in ok]),
-        "server_queue_ms": mean([r.server_queue_ms for r in ok]),
-        "server_compute_ms": mean([r.server_compute_ms for r in ok]),
-        "bytes_up": mean([r.bytes_up for r in ok]),
-        "bytes_down": mean([r.bytes_down for r in ok]),
+        "encode_ms": _mean([r.encode_ms for r in ok]),
+        "rtt_ms": _mean([r.rtt_ms for r in ok]),
+        "server_queue_ms": _mean([r.server_queue_ms for r in ok]),
+        "server_compute_ms": _mean([r.server_compute_ms for r in ok]),
+        "bytes_up": _mean([r.bytes_up for r in ok]),
+        "bytes_down": _mean([r.bytes_down for r in ok]),
         "fallbacks": len(records) - len(ok),
     }
 

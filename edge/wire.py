@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
 from protos import policy_pb2 as pb
 
-DTYPES: dict[str, int] = {
-    "uint8": pb.UINT8, "float16": pb.FLOAT16, "float32": pb.FLOAT32, "int64": pb.INT64, "int32": pb.INT32,
+DTYPES: dict[str, Any] = {
+    "uint8": pb.UINT8,
+    "float16": pb.FLOAT16,
+    "float32": pb.FLOAT32,
+    "int64": pb.INT64,
+    "int32": pb.INT32,
 }
 NUMPY_OF = {v: np.dtype(k) for k, v in DTYPES.items()}
 CODECS = {"none": pb.CODEC_NONE, "png": pb.CODEC_PNG, "jpeg": pb.CODEC_JPEG}
@@ -19,8 +24,13 @@ _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 def to_tensor(array: np.ndarray, scale: float = 0.0, zero_point: int = 0) -> pb.Tensor:
     """A raw (codec none) tensor carrying the array's bytes, little-endian."""
     a = np.ascontiguousarray(array)
-    return pb.Tensor(shape=list(a.shape), dtype=DTYPES[a.dtype.name], data=a.tobytes(),
-                     scale=scale, zero_point=zero_point)
+    return pb.Tensor(
+        shape=list(a.shape),
+        dtype=DTYPES[a.dtype.name],
+        data=a.tobytes(),
+        scale=scale,
+        zero_point=zero_point,
+    )
 
 
 def from_tensor(t: pb.Tensor) -> np.ndarray:
@@ -45,7 +55,9 @@ def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int = 90) -> pb.Te
 
     c = frame.shape[0]
     if c not in _PIL_MODES or (codec == "jpeg" and c == 4):
-        raise ValueError(f"{codec} frames need 1 or 3{' or 4' if codec == 'png' else ''} channels, got {c}")
+        raise ValueError(
+            f"{codec} frames need 1 or 3{' or 4' if codec == 'png' else ''} channels, got {c}"
+        )
     hwc = frame[0] if c == 1 else np.ascontiguousarray(frame.transpose(1, 2, 0))
     buf = io.BytesIO()
     img = Image.fromarray(hwc)  # infers L / RGB / RGBA from the array shape
@@ -53,4 +65,6 @@ def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int = 90) -> pb.Te
         img.save(buf, format="PNG", compress_level=1)  # fast: the device CPU is the scarce part
     else:
         img.save(buf, format="JPEG", quality=jpeg_quality)
-    return pb.Tensor(shape=list(frame.shape), dtype=pb.UINT8, data=buf.getvalue(), codec=CODECS[codec])
+    return pb.Tensor(
+        shape=list(frame.shape), dtype=pb.UINT8, data=buf.getvalue(), codec=CODECS[codec]
+    )

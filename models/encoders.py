@@ -65,8 +65,14 @@ def build_ir(arch: str | list[dict[str, Any]], channels: int, height: int, width
             c = d["out_channels"]
             n += 1
         layers.append(Layer(**d))
-    return EncoderIR(channels, height, width, tuple(layers),
-                     output_scale=FEATURE_MAX / 255.0, output_zero_point=0)
+    return EncoderIR(
+        channels,
+        height,
+        width,
+        tuple(layers),
+        output_scale=FEATURE_MAX / 255.0,
+        output_zero_point=0,
+    )
 
 
 class MiniConv(nn.Module):
@@ -78,8 +84,15 @@ class MiniConv(nn.Module):
         mods: list[nn.Module] = []
         for layer in ir.layers:
             if layer.op == "conv":
-                mods.append(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel,
-                                      layer.stride, layer.padding))
+                mods.append(
+                    nn.Conv2d(
+                        layer.in_channels,
+                        layer.out_channels,
+                        layer.kernel,
+                        layer.stride,
+                        layer.padding,
+                    )
+                )
             elif layer.op == "relu":
                 mods.append(nn.ReLU())
             elif layer.op == "maxpool":

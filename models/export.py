@@ -56,19 +56,29 @@ class FullGraph(nn.Module):
         return self.head(self.encoder(obs))
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str) -> None:
+def _export(
+    module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str
+) -> None:
     module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=[in_name], output_names=[out_name],
-                          dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[in_name],
+            output_names=[out_name],
+            dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -92,7 +102,9 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
     example_feat = torch.zeros((1, enc_ir.feature_count), dtype=torch.uint8)
     _export(enc_graph, example_obs, out / "encoder.onnx", "observation", "features")
     _export(head_graph, example_feat, out / "head.onnx", "features", "action")
-    _export(FullGraph(enc_graph, head_graph), example_obs, out / "full.onnx", "observation", "action")
+    _export(
+        FullGraph(enc_graph, head_graph), example_obs, out / "full.onnx", "observation", "action"
+    )
 
     result_path = model_zip.parent / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
@@ -116,15 +128,27 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
                 "weights": "encoder_weights.npz",
                 "onnx": "encoder.onnx",
                 "digest": ir.digest(enc_ir, weights),
-                "output": {"shape": [enc_ir.feature_count], "dtype": "uint8",
-                           "scale": enc_ir.output_scale, "zero_point": enc_ir.output_zero_point},
+                "output": {
+                    "shape": [enc_ir.feature_count],
+                    "dtype": "uint8",
+                    "scale": enc_ir.output_scale,
+                    "zero_point": enc_ir.output_zero_point,
+                },
             },
             "head": {"onnx": "head.onnx"},
             "full": {"onnx": "full.onnx"},
             "action": {"type": "discrete", "n": int(space.n), "dtype": "int64", "shape": [1]},
-            "training": {k: result.get(k) for k in (
-                "config", "timesteps", "train_seconds", "final_100_mean_return",
-                "deterministic_eval_mean_return", "random_policy_mean_return")},
+            "training": {
+                k: result.get(k)
+                for k in (
+                    "config",
+                    "timesteps",
+                    "train_seconds",
+                    "final_100_mean_return",
+                    "deterministic_eval_mean_return",
+                    "random_policy_mean_return",
+                )
+            },
         },
     }
     return write_manifest(out, manifest)

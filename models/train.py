@@ -29,7 +29,9 @@ class TrainConfig:
     seed: int = 0
     timesteps: int = 150_000
     n_envs: int = 8
-    learning_rate: float = 3e-4  # decays linearly to 0: PPO on CartPole collapses after solving otherwise
+    learning_rate: float = (
+        3e-4  # decays linearly to 0: PPO on CartPole collapses after solving otherwise
+    )
     hyper: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -38,7 +40,9 @@ class TrainConfig:
         if self.encoder not in ARCHS:
             raise ValueError(f"encoder must be one of {sorted(ARCHS)}, got {self.encoder!r}")
         if self.timesteps < 1 or self.n_envs < 1:
-            raise ValueError(f"timesteps ({self.timesteps}) and n_envs ({self.n_envs}) must be >= 1")
+            raise ValueError(
+                f"timesteps ({self.timesteps}) and n_envs ({self.n_envs}) must be >= 1"
+            )
 
 
 def _linear(start: float) -> Any:
@@ -56,10 +60,26 @@ def build_model(cfg: TrainConfig) -> Any:
         "features_extractor_kwargs": {"arch": cfg.encoder},
         "net_arch": {"pi": [64, 64], "vf": [64, 64]},
     }
-    hyper = {"n_steps": 256, "batch_size": 256, "n_epochs": 4, "gamma": 0.99,
-             "gae_lambda": 0.95, "clip_range": 0.2, "ent_coef": 0.0, **cfg.hyper}
-    return PPO("CnnPolicy", venv, learning_rate=_linear(cfg.learning_rate),
-               policy_kwargs=policy_kwargs, seed=cfg.seed, device="cpu", verbose=0, **hyper)
+    hyper = {
+        "n_steps": 256,
+        "batch_size": 256,
+        "n_epochs": 4,
+        "gamma": 0.99,
+        "gae_lambda": 0.95,
+        "clip_range": 0.2,
+        "ent_coef": 0.0,
+        **cfg.hyper,
+    }
+    return PPO(
+        "CnnPolicy",
+        venv,
+        learning_rate=_linear(cfg.learning_rate),
+        policy_kwargs=policy_kwargs,
+        seed=cfg.seed,
+        device="cpu",
+        verbose=0,
+        **hyper,
+    )
 
 
 def evaluate(policy: Any, task: str, episodes: int, seed: int) -> list[float]:
@@ -88,7 +108,9 @@ def train(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, Any]:
     seconds = time.time() - t0
     model.save(out / "model.zip")
     final = [float(ep["r"]) for ep in model.ep_info_buffer]
-    det = evaluate(lambda o: model.predict(o, deterministic=True)[0], cfg.task, 10, cfg.seed + 10_000)
+    det = evaluate(
+        lambda o: model.predict(o, deterministic=True)[0], cfg.task, 10, cfg.seed + 10_000
+    )
     rnd = evaluate(None, cfg.task, 100, cfg.seed + 20_000)
     result = {
         "config": asdict(cfg),

@@ -87,7 +87,9 @@ class Bundle:
     @property
     def policy(self) -> dict[str, Any]:
         if self.kind != "policy":
-            raise SplitedgeError(f"bundle {self.root} is a {self.kind!r} bundle, not a policy bundle")
+            raise SplitedgeError(
+                f"bundle {self.root} is a {self.kind!r} bundle, not a policy bundle"
+            )
         return dict(self.manifest["policy"])
 
     def file(self, rel: str) -> Path:
@@ -116,7 +118,9 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> list[str]:
 def read_manifest(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise SplitedgeError(f"{root} is not a bundle: no {MANIFEST}. Build one with `splitedge export`.")
+        raise SplitedgeError(
+            f"{root} is not a bundle: no {MANIFEST}. Build one with `splitedge export`."
+        )
     try:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
@@ -128,7 +132,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
-def load_bundle(path: str | Path, verify: bool = True, public_key: str | Path | None = None) -> Bundle:
+def load_bundle(
+    path: str | Path, verify: bool = True, public_key: str | Path | None = None
+) -> Bundle:
     """Open a bundle directory or .tar; with verify, refuse it if any file does not match.
 
     With public_key (an ed25519 key file), also refuse it unless manifest.sig is a valid

@@ -17,8 +17,20 @@ from splitedge import __version__
 from splitedge.errors import SplitedgeError
 
 # Preferred order in `--help`; any other module in splitedge/commands is listed after these.
-COMMAND_ORDER = ("demo", "train", "export", "bundle", "serve", "edge", "measure", "bench",
-                 "flash", "status", "rollback", "llm")
+COMMAND_ORDER = (
+    "demo",
+    "train",
+    "export",
+    "bundle",
+    "serve",
+    "edge",
+    "measure",
+    "bench",
+    "flash",
+    "status",
+    "rollback",
+    "llm",
+)
 
 
 def _command_modules() -> list[str]:
@@ -47,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # so reports can name the exact command that produced them
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

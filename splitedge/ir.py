@@ -101,14 +101,24 @@ class EncoderIR:
     def to_json(self) -> str:
         layers = []
         for layer in self.layers:
-            d = {k: v for k, v in asdict(layer).items() if v != getattr(Layer, k, None) or k == "op"}
+            d = {
+                k: v for k, v in asdict(layer).items() if v != getattr(Layer, k, None) or k == "op"
+            }
             layers.append(d)
         doc = {
-            "input": {"channels": self.channels, "height": self.height, "width": self.width,
-                      "scale": self.input_scale},
+            "input": {
+                "channels": self.channels,
+                "height": self.height,
+                "width": self.width,
+                "scale": self.input_scale,
+            },
             "layers": layers,
-            "output": {"dtype": self.output_dtype, "scale": self.output_scale,
-                       "zero_point": self.output_zero_point, "features": self.feature_count},
+            "output": {
+                "dtype": self.output_dtype,
+                "scale": self.output_scale,
+                "zero_point": self.output_zero_point,
+                "features": self.feature_count,
+            },
         }
         if self.extra:
             doc["extra"] = self.extra
@@ -119,7 +129,9 @@ class EncoderIR:
         doc = json.loads(text)
         inp, outp = doc["input"], doc.get("output", {})
         ir = cls(
-            channels=int(inp["channels"]), height=int(inp["height"]), width=int(inp["width"]),
+            channels=int(inp["channels"]),
+            height=int(inp["height"]),
+            width=int(inp["width"]),
             input_scale=float(inp.get("scale", 1.0 / 255.0)),
             layers=tuple(Layer(**layer) for layer in doc["layers"]),
             output_scale=float(outp.get("scale", 1.0)),
@@ -137,11 +149,16 @@ def check_weights(ir: EncoderIR, weights: dict[str, np.ndarray]) -> None:
         if layer.op != "conv":
             continue
         want_w = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
-        for key, want in ((f"{layer.name}.weight", want_w), (f"{layer.name}.bias", (layer.out_channels,))):
+        for key, want in (
+            (f"{layer.name}.weight", want_w),
+            (f"{layer.name}.bias", (layer.out_channels,)),
+        ):
             if key not in weights:
                 raise ValueError(f"conv {layer.name}: weight {key!r} missing")
             if tuple(weights[key].shape) != want:
-                raise ValueError(f"conv {layer.name}: {key} has shape {weights[key].shape}, expected {want}")
+                raise ValueError(
+                    f"conv {layer.name}: {key} has shape {weights[key].shape}, expected {want}"
+                )
 
 
 def digest(ir: EncoderIR, weights: dict[str, np.ndarray]) -> str:
@@ -156,7 +173,8 @@ def digest(ir: EncoderIR, weights: dict[str, np.ndarray]) -> str:
 def save_weights(weights: dict[str, np.ndarray]) -> bytes:
     """npz bytes of float32 weights (no pickle)."""
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str = "") -> str:
+def table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str = ""
+) -> str:
     """A fixed-width text table of dict rows (columns default to the first row's keys)."""
     if not rows:
         return f"{title}\n(no rows)" if title else "(no rows)"
@@ -19,8 +21,11 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
     lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
     for row in cells:
-        lines.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w)
-                               for v, w in zip(row, widths, strict=True)))
+        lines.append(
+            "  ".join(
+                v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths, strict=True)
+            )
+        )
     return "\n".join(lines)
 
 

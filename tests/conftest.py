@@ -16,7 +16,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(timesteps=512, n_envs=2, hyper={"n_steps": 128, "batch_size": 64}), out, progress=False)
+    train(
+        TrainConfig(timesteps=512, n_envs=2, hyper={"n_steps": 128, "batch_size": 64}),
+        out,
+        progress=False,
+    )
     return out
 
 

@@ -28,8 +28,10 @@ def test_manifest_lists_sha256_of_every_file(tmp_path: Path) -> None:
     root = _make(tmp_path)
     m = json.loads((root / "manifest.json").read_text())
     assert m["format"] == FORMAT
-    assert m["files"] == {"a.bin": hashlib.sha256(b"alpha").hexdigest(),
-                          "sub/b.txt": hashlib.sha256(b"beta").hexdigest()}
+    assert m["files"] == {
+        "a.bin": hashlib.sha256(b"alpha").hexdigest(),
+        "sub/b.txt": hashlib.sha256(b"beta").hexdigest(),
+    }
 
 
 def test_verify_names_changed_missing_and_unlisted_files(tmp_path: Path) -> None:
@@ -38,8 +40,11 @@ def test_verify_names_changed_missing_and_unlisted_files(tmp_path: Path) -> None
     (root / "sub" / "b.txt").unlink()
     (root / "extra").write_text("x")
     problems = verify_files(root, json.loads((root / "manifest.json").read_text()))
-    assert problems == ["a.bin: sha256 does not match the manifest", "sub/b.txt: missing",
-                        "extra: not listed in the manifest"]
+    assert problems == [
+        "a.bin: sha256 does not match the manifest",
+        "sub/b.txt: missing",
+        "extra: not listed in the manifest",
+    ]
     with pytest.raises(SplitedgeError, match="a.bin"):
         load_bundle(root)
 

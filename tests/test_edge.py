@@ -30,7 +30,9 @@ def test_edge_modules_import_without_torch() -> None:
         "from edge.envs import make_env; make_env('cartpole-pixels', seed=0).reset();"
         "from splitedge.cli import main; print('ok')"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
 
@@ -73,8 +75,13 @@ def _frame() -> np.ndarray:
 def test_deadline_gives_fallback_then_recovers(tiny_bundle: Path) -> None:
     server, servicer, port = _scripted_server()
     for rpc in ("stream", "unary"):
-        cfg = ClientConfig(server=f"127.0.0.1:{port}", deadline_s=0.15, rpc=rpc, fallback="last",
-                           backoff_s=(0.01, 0.05))
+        cfg = ClientConfig(
+            server=f"127.0.0.1:{port}",
+            deadline_s=0.15,
+            rpc=rpc,
+            fallback="last",
+            backoff_s=(0.01, 0.05),
+        )
         with PolicyClient(load_bundle(tiny_bundle), cfg).connect() as client:
             servicer.delay_s, servicer.action = 0.0, 1
             assert client.act(_frame()) == 1 and not client.last.fallback
@@ -94,7 +101,9 @@ def test_deadline_gives_fallback_then_recovers(tiny_bundle: Path) -> None:
 
 def test_fixed_fallback_action_when_server_goes_away(tiny_bundle: Path) -> None:
     server, servicer, port = _scripted_server()
-    cfg = ClientConfig(server=f"127.0.0.1:{port}", deadline_s=0.2, fallback="0", backoff_s=(0.01, 0.05))
+    cfg = ClientConfig(
+        server=f"127.0.0.1:{port}", deadline_s=0.2, fallback="0", backoff_s=(0.01, 0.05)
+    )
     with PolicyClient(load_bundle(tiny_bundle), cfg).connect() as client:
         assert client.act(_frame()) == 1
         server.stop(0).wait()
@@ -111,7 +120,9 @@ def test_edge_run_command_without_torch(tiny_bundle: Path) -> None:
             f"raise SystemExit(main(['edge', 'run', '--bundle', {str(tiny_bundle)!r}, '--server', "
             f"{srv.address!r}, '--steps', '40', '--json']))"
         )
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["steps"] == 40 and out["fallbacks"] == 0

@@ -59,6 +59,11 @@ def test_manifest_records_training(tiny_bundle: Path) -> None:
     assert p["observation"] == {"shape": [3, 48, 48], "dtype": "uint8", "layout": "CHW"}
     assert p["encoder"]["output"]["shape"] == [64]
     assert p["training"]["final_100_mean_return"] is not None
-    assert set(m["files"]) == {"encoder.onnx", "head.onnx", "full.onnx", "encoder_ir.json",
-                               "encoder_weights.npz"}
+    assert set(m["files"]) == {
+        "encoder.onnx",
+        "head.onnx",
+        "full.onnx",
+        "encoder_ir.json",
+        "encoder_weights.npz",
+    }
     assert json.loads((tiny_bundle / "encoder_ir.json").read_text())["output"]["features"] == 64

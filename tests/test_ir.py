@@ -38,11 +38,14 @@ def test_weights_npz_round_trip_without_pickle(tmp_path) -> None:
     assert np.array_equal(ir.load_weights(p)["c.weight"], w["c.weight"])
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"op": "conv", "name": "c", "in_channels": 3, "out_channels": 4, "kernel": 7}, "kernel 7"),
-    ({"op": "gelu"}, "unknown IR op 'gelu'"),
-    ({"op": "conv", "in_channels": 3, "out_channels": 4}, "needs a name"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"op": "conv", "name": "c", "in_channels": 3, "out_channels": 4, "kernel": 7}, "kernel 7"),
+        ({"op": "gelu"}, "unknown IR op 'gelu'"),
+        ({"op": "conv", "in_channels": 3, "out_channels": 4}, "needs a name"),
+    ],
+)
 def test_bad_layers_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ir.Layer(**bad)

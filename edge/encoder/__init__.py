@@ -48,7 +48,9 @@ def make_encoder(bundle: Any, backend: str = "auto") -> tuple[Encoder, str]:
     if backend == "auto":
         return _BACKENDS["ort"](bundle), "ort: CPU fallback (no GL backend selected)"
     if backend not in _BACKENDS:
-        raise SplitedgeError(f"unknown encoder backend {backend!r}; choose from auto, {', '.join(sorted(_BACKENDS))}")
+        raise SplitedgeError(
+            f"unknown encoder backend {backend!r}; choose from auto, {', '.join(sorted(_BACKENDS))}"
+        )
     return _BACKENDS[backend](bundle), f"{backend}: requested"
 
 

@@ -52,7 +52,9 @@ class PixelCartPole(gym.Wrapper):
         return self._obs(), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        state, reward, terminated, truncated, info = self.env.step(int(np.asarray(action).reshape(-1)[0]))
+        state, reward, terminated, truncated, info = self.env.step(
+            int(np.asarray(action).reshape(-1)[0])
+        )
         self.frames.append(self._draw(state))
         return self._obs(), float(reward), terminated, truncated, info
 

@@ -17,7 +17,9 @@ class Canvas:
     def clear(self) -> None:
         self.image.fill(0.0)
 
-    def segment(self, x0: float, y0: float, x1: float, y1: float, half_width: float, value: float = 1.0) -> None:
+    def segment(
+        self, x0: float, y0: float, x1: float, y1: float, half_width: float, value: float = 1.0
+    ) -> None:
         """Draw a capsule around segment (x0,y0)-(x1,y1); edges fade over one pixel."""
         dx, dy = x1 - x0, y1 - y0
         length2 = dx * dx + dy * dy

@@ -10,28 +10,51 @@ from splitedge.output import emit, table
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the device loop."""
-    p.add_argument("--backend", default="auto",
-                   help="encoder backend: auto, ort, or a GL target (default: %(default)s)")
-    p.add_argument("--deadline-ms", type=float, default=2000.0,
-                   help="per-decision deadline; past it the fallback action is used (default: %(default)s)")
-    p.add_argument("--rpc", choices=("stream", "unary"), default="stream",
-                   help="one ActStream per session, or one Act call per step (default: %(default)s)")
-    p.add_argument("--fallback", default="last",
-                   help="action on timeout/disconnect: 'last' or an integer action (default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="encoder backend: auto, ort, or a GL target (default: %(default)s)",
+    )
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=2000.0,
+        help="per-decision deadline; past it the fallback action is used (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rpc",
+        choices=("stream", "unary"),
+        default="stream",
+        help="one ActStream per session, or one Act call per step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fallback",
+        default="last",
+        help="action on timeout/disconnect: 'last' or an integer action (default: %(default)s)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edge", help="run the device side of a split policy")
     esub = p.add_subparsers(dest="edge_command", metavar="ACTION", required=True)
-    r = esub.add_parser("run", help="closed loop: env -> encoder -> server -> action",
-                        description="Run the bundle's task closed-loop: encode each observation on "
-                        "this device, ask the policy server for the action, step the env. Prints "
-                        "latency percentiles, bytes per step, fallbacks and peak RSS.")
+    r = esub.add_parser(
+        "run",
+        help="closed loop: env -> encoder -> server -> action",
+        description="Run the bundle's task closed-loop: encode each observation on "
+        "this device, ask the policy server for the action, step the env. Prints "
+        "latency percentiles, bytes per step, fallbacks and peak RSS.",
+    )
     r.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     r.add_argument("--server", required=True, help="policy server HOST:PORT")
-    r.add_argument("--steps", type=int, default=500, help="decisions to make (default: %(default)s)")
-    r.add_argument("--mode", choices=("split", "raw", "raw-png", "raw-jpeg"), default="split",
-                   help="send features (split) or frames (raw baselines) (default: %(default)s)")
+    r.add_argument(
+        "--steps", type=int, default=500, help="decisions to make (default: %(default)s)"
+    )
+    r.add_argument(
+        "--mode",
+        choices=("split", "raw", "raw-png", "raw-jpeg"),
+        default="split",
+        help="send features (split) or frames (raw baselines) (default: %(default)s)",
+    )
     r.add_argument("--seed", type=int, default=0)
     add_client_options(r)
     r.add_argument("--json", action="store_true")
@@ -48,22 +71,36 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise SplitedgeError(f"--steps must be >= 1, got {args.steps}")
     bundle = load_bundle(args.bundle)
-    cfg = ClientConfig(server=args.server, mode=args.mode, backend=args.backend,
-                       deadline_s=args.deadline_ms / 1e3, rpc=args.rpc, fallback=args.fallback)
+    cfg = ClientConfig(
+        server=args.server,
+        mode=args.mode,
+        backend=args.backend,
+        deadline_s=args.deadline_ms / 1e3,
+        rpc=args.rpc,
+        fallback=args.fallback,
+    )
     client = PolicyClient(bundle, cfg)
     try:
         client.connect()
     except ConnectionError as e:
-        raise SplitedgeError(f"cannot reach the policy server: {e}. Is `splitedge serve` running there?") from e
+        raise SplitedgeError(
+            f"cannot reach the policy server: {e}. Is `splitedge serve` running there?"
+        ) from e
     with client:
         result = run_loop(client, args.steps, seed=args.seed)
     summary = summarise(result.records)
     out = {
-        "bundle": f"{bundle.name} {bundle.version}", "server": args.server, "mode": args.mode,
+        "bundle": f"{bundle.name} {bundle.version}",
+        "server": args.server,
+        "mode": args.mode,
         "encoder_backend": client.encoder_reason or "none (raw mode)",
-        **summary, "episodes": len(result.episode_returns),
-        "mean_return": (sum(result.episode_returns) / len(result.episode_returns)) if result.episode_returns else None,
-        "reconnects": client.reconnects, "decisions_per_s": args.steps / result.seconds,
+        **summary,
+        "episodes": len(result.episode_returns),
+        "mean_return": (sum(result.episode_returns) / len(result.episode_returns))
+        if result.episode_returns
+        else None,
+        "reconnects": client.reconnects,
+        "decisions_per_s": args.steps / result.seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
     rows = [{"metric": k, "value": v} for k, v in out.items()]

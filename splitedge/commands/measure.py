@@ -10,19 +10,43 @@ from splitedge.output import emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("measure", help="decision latency over emulated links, split vs raw offload",
-                       description="Start a policy server, shape the path to it with each link "
-                       "profile, run the edge loop in each mode, and report p50/p95/p99 decision "
-                       "latency, bytes per step through the link, fallbacks and the analytic bound. "
-                       "Writes results.json, results.csv and latency_cdf.png under --out.")
+    p = sub.add_parser(
+        "measure",
+        help="decision latency over emulated links, split vs raw offload",
+        description="Start a policy server, shape the path to it with each link "
+        "profile, run the edge loop in each mode, and report p50/p95/p99 decision "
+        "latency, bytes per step through the link, fallbacks and the analytic bound. "
+        "Writes results.json, results.csv and latency_cdf.png under --out.",
+    )
     p.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
-    p.add_argument("--links", default="3g,dsl,wifi",
-                   help="comma-separated link profiles from deploy/links.toml (default: %(default)s)")
-    p.add_argument("--modes", default="split,raw,raw-png",
-                   help="comma-separated: split, raw, raw-png, raw-jpeg (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=100, help="decisions per cell (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed decisions per cell (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("out/measure"), help="directory for results (default: %(default)s)")
+    p.add_argument(
+        "--links",
+        default="3g,dsl,wifi",
+        help="comma-separated link profiles from deploy/links.toml (default: %(default)s)",
+    )
+    p.add_argument(
+        "--modes",
+        default="split,raw,raw-png",
+        help="comma-separated: split, raw, raw-png, raw-jpeg (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=100, help="decisions per cell (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed decisions per cell (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/measure"),
+        help="directory for results (default: %(default)s)",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write a markdown report (e.g. docs/results/latency.md)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     add_client_options(p)
@@ -33,12 +57,23 @@ def run(args: argparse.Namespace) -> int:
     from deploy import report
     from deploy.measure import MeasureConfig, cells_to_json, measure
 
-    cfg = MeasureConfig(bundle=args.bundle, links=_split(args.links), modes=_split(args.modes),
-                        steps=args.steps, warmup=args.warmup, backend=args.backend, rpc=args.rpc,
-                        deadline_s=args.deadline_ms / 1e3)
+    cfg = MeasureConfig(
+        bundle=args.bundle,
+        links=_split(args.links),
+        modes=_split(args.modes),
+        steps=args.steps,
+        warmup=args.warmup,
+        backend=args.backend,
+        rpc=args.rpc,
+        deadline_s=args.deadline_ms / 1e3,
+    )
     cells = measure(cfg, progress=not args.no_progress)
     doc = cells_to_json(cells, cfg)
     paths = report.write(doc, args.out)
+    if getattr(args, "markdown", None):
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(report.markdown(doc, "splitedge " + " ".join(args.argv)))
+        paths.append(args.markdown)
     text = report.render(doc) + "\nwrote " + ", ".join(str(p) for p in paths)
     emit({k: v for k, v in doc.items() if k != "latencies_ms"}, args.json, text)
     return 0
