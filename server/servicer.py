@@ -59,7 +59,10 @@ def check_split_hello(request: pb.HelloRequest, models: PolicyModels) -> None:
         )
     fs, want = request.feature_spec, models.features
     client = Spec(
-        tuple(fs.shape), DTYPE_NAMES.get(fs.dtype, f"dtype #{fs.dtype}"), fs.scale, fs.zero_point
+        tuple(fs.shape),
+        DTYPE_NAMES.get(fs.dtype, "unspecified" if not fs.dtype else f"dtype{fs.dtype}"),
+        fs.scale,
+        fs.zero_point,
     )
     same = client.shape == want.shape and (
         client.dtype == "float32"  # dequantised features: the server quantises them

@@ -46,7 +46,7 @@ def _invalid(message: str) -> RequestError:
 
 
 def _dtype_name(dtype: int) -> str:
-    return DTYPE_NAMES.get(dtype, f"dtype #{dtype}")
+    return DTYPE_NAMES.get(dtype, f"unknown ({dtype})")
 
 
 def _codec_name(codec: int) -> str:
@@ -116,7 +116,7 @@ def observation_sample(t: pb.Tensor, spec: Spec) -> np.ndarray:
 
 def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
     """Decode a PNG/JPEG frame made as the module docstring says back to uint8 (C, H, W)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     c, h, w = spec.shape
     mode = PIL_MODES.get(c)
@@ -142,6 +142,8 @@ def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
         hwc = np.asarray(img, dtype=np.uint8)  # (H, W) for L, (H, W, C) otherwise
     except RequestError:
         raise
+    except UnidentifiedImageError:
+        raise _invalid(f"data is not a {codec} image (its header is not {codec})") from None
     except Exception as e:  # Pillow raises many types for hostile bytes; all mean "bad image"
         raise _invalid(f"data is not a valid {codec} image ({type(e).__name__}: {e})") from None
     chw = hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
