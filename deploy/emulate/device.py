@@ -1,0 +1,354 @@
+"""An emulated device: a real OpenSSH sshd with a throwaway key, for flashing without hardware.
+
+Where root allows, sshd runs in its own network namespace behind a veth pair
+(the device is 10.213.N.2, this machine 10.213.N.1) and in a memory cgroup
+limited to the profile's RAM; where not, it listens on 127.0.0.1 and runs
+unconfined. `capabilities` says which ran. The device's file system is this
+machine's: its install root is <workdir>/device/opt/splitedge, announced to
+every ssh session through sshd's SetEnv SPLITEDGE_ROOT (and the profile's
+architecture as SPLITEDGE_EMULATED_ARCH, since pre-flight would otherwise
+see this machine's).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.flash.preflight import requirements
+from splitedge.errors import SplitedgeError
+
+SSHD = "/usr/sbin/sshd"
+INSTALL_HINT = "install it with: apt-get install -y openssh-server rsync"
+
+
+@dataclass
+class Capabilities:
+    """Which isolation the emulator got, and why not where it did not."""
+
+    netns: bool = False
+    cgroup: str | None = None  # "v1" or "v2"
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        net = "own network namespace (veth)" if self.netns else "loopback, shared network namespace"
+        mem = f"memory limit via cgroup {self.cgroup}" if self.cgroup else "no memory limit"
+        return f"{net}; {mem}" + (f" [{'; '.join(self.notes)}]" if self.notes else "")
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def _memory_cgroup_parent() -> tuple[Path, str] | None:
+    """This process's memory cgroup folder (v2 unified, or the v1 memory controller)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+            p = Path("/sys/fs/cgroup") / path.lstrip("/")
+            if (
+                "memory" in (p / "cgroup.subtree_control").read_text()
+                if (p / "cgroup.subtree_control").is_file()
+                else False
+            ):
+                return p, "v2"
+        elif "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "v1"
+    return None
+
+
+class EmulatedDevice:
+    """Start with `with EmulatedDevice("pi-zero-2w") as dev:`; flash to dev.host with dev.ssh_config."""
+
+    def __init__(
+        self,
+        profile: str = "pi-zero-2w",
+        workdir: Path | None = None,
+        isolate: bool = True,
+        name: str | None = None,
+    ):
+        self.profile = requirements(profile)
+        self.ident = f"{random.getrandbits(24):06x}"
+        self.name = name or f"{profile}-emu"
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="splitedge-emu-")).resolve()
+        self.isolate = isolate
+        self.caps = Capabilities()
+        self.address, self.port, self.host_address = "127.0.0.1", 22, "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._netns: str | None = None
+        self._cgroup: Path | None = None
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        """The device's install root, as a path on this machine (same file system)."""
+        return self.workdir / "device" / "opt" / "splitedge"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.workdir / "ssh_config"
+
+    @property
+    def host(self) -> str:
+        """What to pass to `splitedge flash --host` (an alias defined in ssh_config)."""
+        return self.name
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> EmulatedDevice:
+        if not Path(SSHD).is_file() or not shutil.which("ssh-keygen"):
+            raise SplitedgeError(f"the emulated device needs OpenSSH's sshd; {INSTALL_HINT}")
+        if not shutil.which("rsync"):
+            raise SplitedgeError(f"flashing needs rsync; {INSTALL_HINT}")
+        keys = self.workdir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in ("host_ed25519", "client_ed25519"):
+            if not (keys / name).exists():
+                _check(
+                    _run(
+                        [
+                            "ssh-keygen",
+                            "-q",
+                            "-t",
+                            "ed25519",
+                            "-N",
+                            "",
+                            "-C",
+                            f"splitedge-emu-{name}",
+                            "-f",
+                            str(keys / name),
+                        ]
+                    ),
+                    "make a throwaway key",
+                )
+        shutil.copy(keys / "client_ed25519.pub", keys / "authorized_keys")
+        if self.isolate and os.geteuid() == 0:
+            self._try_netns()
+        else:
+            self.caps.notes.append("not root: no namespace, no cgroup")
+        if not self.caps.netns:
+            self.port = _free_port()
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True) if os.geteuid() == 0 else None
+        self._write_sshd_config(keys)
+        argv = [SSHD, "-D", "-e", "-f", str(self.workdir / "sshd_config")]
+        if self._netns:
+            argv = ["ip", "netns", "exec", self._netns, *argv]
+        log = open(self.workdir / "sshd.log", "ab")  # noqa: SIM115 - lives as long as sshd
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        if self.isolate and os.geteuid() == 0:
+            self._try_cgroup(self.proc.pid)
+        self._wait_listening()
+        self._write_ssh_config(keys)
+        return self
+
+    def _try_netns(self) -> None:
+        ns, host_if, dev_if = f"se-{self.ident}", f"seh{self.ident}", f"sed{self.ident}"
+        net = f"10.213.{random.randrange(1, 255)}"
+        steps = [
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", dev_if],
+            ["ip", "link", "set", dev_if, "netns", ns],
+            ["ip", "addr", "add", f"{net}.1/30", "dev", host_if],
+            ["ip", "link", "set", host_if, "up"],
+            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/30", "dev", dev_if],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", dev_if, "up"],
+            ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+        ]
+        self._netns, self._veth = ns, host_if
+        for argv in steps:
+            r = _run(argv) if shutil.which("ip") else None
+            if r is None or r.returncode != 0:
+                self.caps.notes.append(
+                    f"no network namespace ({' '.join(argv[:3])}: "
+                    f"{(r.stderr.strip() if r else 'no ip command')[:80]})"
+                )
+                self._drop_netns()
+                return
+        self.caps.netns = True
+        self.address, self.host_address = f"{net}.2", f"{net}.1"
+
+    def _try_cgroup(self, pid: int) -> None:
+        found = _memory_cgroup_parent()
+        if found is None:
+            self.caps.notes.append("no writable memory cgroup")
+            return
+        parent, version = found
+        group = parent / f"splitedge-emu-{self.ident}"
+        limit = str(self.profile.ram_mb * 2**20)
+        try:
+            group.mkdir()
+            (group / ("memory.max" if version == "v2" else "memory.limit_in_bytes")).write_text(
+                limit
+            )
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as e:
+            self.caps.notes.append(f"no memory cgroup ({e.strerror} at {group})")
+            if group.is_dir():
+                group.rmdir()
+            return
+        self._cgroup, self.caps.cgroup = group, version
+
+    def _write_sshd_config(self, keys: Path) -> None:
+        env = (
+            f"SPLITEDGE_ROOT={self.root} SPLITEDGE_EMULATED_ARCH={self.profile.arch[0]} "
+            f"SPLITEDGE_EMULATED_PROFILE={self.profile.profile}"
+        )
+        (self.workdir / "sshd_config").write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    f"ListenAddress {self.address}",
+                    f"HostKey {keys / 'host_ed25519'}",
+                    f"AuthorizedKeysFile {keys / 'authorized_keys'}",
+                    f"PidFile {self.workdir / 'sshd.pid'}",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PermitRootLogin prohibit-password",
+                    "MaxStartups 64",
+                    "LogLevel ERROR",
+                    "Subsystem sftp internal-sftp",
+                    f"SetEnv {env}",
+                    "",
+                ]
+            )
+        )
+
+    def _write_ssh_config(self, keys: Path) -> None:
+        host_key = (keys / "host_ed25519.pub").read_text().split()[:2]
+        known = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        (self.workdir / "known_hosts").write_text(f"{known} {' '.join(host_key)}\n")
+        (self.ssh_config).write_text(
+            "\n".join(
+                [
+                    f"Host {self.name}",
+                    f"  HostName {self.address}",
+                    f"  Port {self.port}",
+                    "  User root",
+                    f"  IdentityFile {keys / 'client_ed25519'}",
+                    "  IdentitiesOnly yes",
+                    f"  UserKnownHostsFile {self.workdir / 'known_hosts'}",
+                    "  StrictHostKeyChecking yes",
+                    "  LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+
+    def _wait_listening(self, timeout_s: float = 10.0) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                log = (self.workdir / "sshd.log").read_text(errors="replace").strip()[-300:]
+                self.stop()
+                raise SplitedgeError(f"sshd exited at start: {log or '(no output)'}")
+            try:
+                with socket.create_connection((self.address, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SplitedgeError(
+            f"sshd did not listen on {self.address}:{self.port} within {timeout_s:.0f} s"
+        )
+
+    def ssh(self, *remote: str) -> subprocess.CompletedProcess[str]:
+        """Run a command on the device (tests and demos)."""
+        import shlex
+
+        return _run(["ssh", "-F", str(self.ssh_config), self.host, "--", shlex.join(remote)])
+
+    def processes(self) -> list[int]:
+        """Pids in the device's cgroup (everything started through its sshd)."""
+        if self._cgroup is None:
+            return []
+        try:
+            return [int(p) for p in (self._cgroup / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        """Stop the device's service, sshd and whatever they started; remove namespace and cgroup."""
+        if self.root.is_dir() and (self.root / "run" / "supervisor.pid").exists():
+            from deploy.flash import remote
+
+            remote.stop_service(self.root)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        for pid in self.processes():  # only processes started inside this device's cgroup
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._cgroup is not None:
+            for _ in range(50):
+                try:
+                    self._cgroup.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            self._cgroup = None
+        self._drop_netns()
+
+    def _drop_netns(self) -> None:
+        if self._netns:
+            _run(["ip", "link", "del", self._veth])
+            _run(["ip", "netns", "del", self._netns])
+            self._netns = None
+
+    def cleanup(self) -> None:
+        """stop() and delete the work folder if this object made it."""
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EmulatedDevice:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile.profile,
+            "host": self.host,
+            "ssh_config": str(self.ssh_config),
+            "address": f"{self.address}:{self.port}",
+            "root": str(self.root),
+            "host_address_from_device": self.host_address,
+            "isolation": self.caps.describe(),
+            "memory_limit_mb": self.profile.ram_mb if self.caps.cgroup else None,
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _check(r: subprocess.CompletedProcess[str], what: str) -> None:
+    if r.returncode != 0:
+        raise SplitedgeError(f"could not {what}: {r.stderr.strip()[-200:]}")

@@ -1,0 +1,102 @@
+"""What one release carries: the bundle as is, the health probe, the service config and unit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from deploy.flash.probe import write_probe
+from splitedge import __version__
+from splitedge.bundle import SIGNATURE, Bundle
+from splitedge.errors import SplitedgeError
+
+UNIT_TEMPLATE = Path(__file__).resolve().parents[1] / "systemd" / "splitedge.service.in"
+
+
+def parse_source(text: str) -> dict[str, Any]:
+    """--source env[:TASK] | camera[:DEVICE] | video:PATH -> the config's source table."""
+    kind, _, arg = text.partition(":")
+    if kind == "env":
+        return {"kind": "env", **({"task": arg} if arg else {})}
+    if kind == "camera":
+        return {"kind": "camera", "device": arg or "/dev/video0"}
+    if kind == "video" and arg:
+        return {"kind": "video", "path": arg, "loop": True}
+    raise SplitedgeError(f"--source {text!r}: use env[:TASK], camera[:/dev/videoN] or video:PATH")
+
+
+def parse_sink(text: str) -> dict[str, Any]:
+    """--sink socket[:PATH] | entrypoint:MODULE:FUNCTION | log -> the config's sink table."""
+    kind, _, arg = text.partition(":")
+    if kind == "socket":
+        return {"kind": "socket", **({"path": arg} if arg else {})}
+    if kind == "entrypoint" and ":" in arg:
+        return {"kind": "entrypoint", "entrypoint": arg}
+    if kind == "log" and not arg:
+        return {"kind": "log"}
+    raise SplitedgeError(
+        f"--sink {text!r}: use socket[:PATH], entrypoint:package.module:function or log"
+    )
+
+
+def service_config(
+    root: str,
+    server: str,
+    source: dict[str, Any],
+    sink: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """service.json for edge.service: paths relative to the release folder, state under the root."""
+    cfg = {
+        "bundle": "bundle",
+        "server": server,
+        "source": source,
+        "sink": sink,
+        "state_dir": f"{root}/state",
+        "run_dir": f"{root}/run",
+    }
+    cfg.update(extra or {})
+    return cfg
+
+
+def render_unit(root: str) -> str:
+    """The systemd unit for an install root (deploy/systemd/splitedge.service.in)."""
+    return string.Template(UNIT_TEMPLATE.read_text()).substitute(root=root)
+
+
+def stage_release(
+    bundle: Bundle,
+    out: Path,
+    root: str,
+    server: str,
+    source: dict[str, Any],
+    sink: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the release folder to copy: bundle/, probe.npz, service.json, release.json, splitedge.service."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle.root, out / "bundle", dirs_exist_ok=True)
+    sig = out / "bundle" / SIGNATURE
+    if sig.exists() and not (bundle.root / SIGNATURE).exists():
+        sig.unlink()
+    probe = write_probe(bundle, out / "probe.npz")
+    (out / "service.json").write_text(
+        json.dumps(service_config(root, server, source, sink, extra), indent=2)
+    )
+    (out / "splitedge.service").write_text(render_unit(root))
+    info = {
+        "bundle": bundle.name,
+        "version": bundle.version,
+        "signed": (bundle.root / SIGNATURE).exists(),
+        "flashed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "flashed_from": socket.gethostname(),
+        "splitedge": __version__,
+        "probe": probe,
+    }
+    (out / "release.json").write_text(json.dumps(info, indent=2))
+    return info

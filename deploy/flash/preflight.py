@@ -1,0 +1,161 @@
+"""Pre-flight: compare what the device reports (remote.py facts) with its profile's requirements."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from splitedge.errors import SplitedgeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REQUIREMENTS = Path(__file__).with_name("requirements.toml")
+DEVICE_PROFILES = Path(__file__).resolve().parents[1] / "devices"
+KEYS = ("arch", "python_min", "ram_mb", "ram_min_mb", "disk_min_mb", "gles_min")
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What one device profile needs before a flash may start."""
+
+    profile: str
+    arch: tuple[str, ...]
+    python_min: str
+    ram_mb: int
+    ram_min_mb: int
+    disk_min_mb: int
+    gles_min: str | None = None
+
+
+def profiles() -> list[str]:
+    """Profile names known to pre-flight."""
+    return sorted(tomllib.loads(REQUIREMENTS.read_text()))
+
+
+def requirements(profile: str) -> Requirements:
+    """The requirements of a profile: requirements.toml, overridden by deploy/devices/<profile>.toml keys."""
+    table = tomllib.loads(REQUIREMENTS.read_text())
+    if profile not in table:
+        raise SplitedgeError(
+            f"unknown device profile {profile!r}; known: {', '.join(sorted(table))}"
+        )
+    merged = dict(table[profile])
+    device_file = DEVICE_PROFILES / f"{profile}.toml"
+    if device_file.is_file():
+        merged.update(
+            {k: v for k, v in tomllib.loads(device_file.read_text()).items() if k in KEYS}
+        )
+    return Requirements(
+        profile=profile,
+        arch=tuple(merged["arch"]),
+        python_min=str(merged["python_min"]),
+        ram_mb=int(merged["ram_mb"]),
+        ram_min_mb=int(merged["ram_min_mb"]),
+        disk_min_mb=int(merged["disk_min_mb"]),
+        gles_min=merged.get("gles_min"),
+    )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else ()
+
+
+def check(
+    facts: dict[str, Any], req: Requirements | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (check, device, needs, ok) for the report, and the problems that must stop the flash."""
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+
+    def row(name: str, have: Any, need: Any, ok: bool | None, fix: str = "") -> None:
+        rows.append(
+            {
+                "check": name,
+                "device": have,
+                "needs": need,
+                "ok": "yes" if ok else ("not checked" if ok is None else "NO"),
+            }
+        )
+        if ok is False:
+            problems.append(
+                f"{name}: device has {have}, needs {need}" + (f" ({fix})" if fix else "")
+            )
+
+    arch = facts["arch"] + (
+        f" (emulated on {facts['machine']})" if facts["arch"] != facts["machine"] else ""
+    )
+    python_ok = _version(facts["python"]) >= _version(req.python_min if req else "3.10")
+    row(
+        "python",
+        facts["python"],
+        f">= {req.python_min if req else '3.10'}",
+        python_ok,
+        "install a newer python3 and pass --device-python",
+    )
+    row(
+        "python venv",
+        "yes" if facts["venv"] else "no",
+        "yes",
+        bool(facts["venv"]),
+        "on Debian/Raspberry Pi OS: sudo apt install python3-venv",
+    )
+    row(
+        "rsync on device",
+        "yes" if facts["rsync"] else "no",
+        "yes",
+        bool(facts["rsync"]),
+        "sudo apt install rsync",
+    )
+    row(
+        "install root writable",
+        facts["root"],
+        "writable",
+        bool(facts["root_writable"]),
+        f"run once on the device: sudo install -d -o {facts['user']} {facts['root']}, or pass --root ~/splitedge",
+    )
+    if req is None:
+        return rows, problems
+    row(
+        "cpu architecture",
+        arch,
+        " or ".join(req.arch),
+        facts["arch"] in req.arch,
+        f"is this a {req.profile}? pick the matching --profile",
+    )
+    ram = (
+        min(v for v in (facts["ram_total_mb"], facts["ram_limit_mb"]) if v)
+        if facts["ram_total_mb"]
+        else 0
+    )
+    ram_text = f"{ram} MB" + (
+        " (cgroup limit)"
+        if facts["ram_limit_mb"] and facts["ram_limit_mb"] < facts["ram_total_mb"]
+        else ""
+    )
+    row("ram", ram_text, f">= {req.ram_min_mb} MB", ram >= req.ram_min_mb)
+    row(
+        "free disk",
+        f"{facts['disk_free_mb']} MB at {facts['disk_path']}",
+        f">= {req.disk_min_mb} MB",
+        facts["disk_free_mb"] >= req.disk_min_mb,
+        "free some space or pass --root on a bigger disk",
+    )
+    if req.gles_min:
+        gl = facts.get("gl")
+        gl_ok = (
+            None if not gl else ("OpenGL ES" not in gl or _version(gl) >= _version(req.gles_min))
+        )
+        row(
+            "OpenGL ES",
+            gl or "unknown (no eglinfo/glxinfo on the device)",
+            f">= {req.gles_min}",
+            gl_ok,
+        )
+    return rows, problems

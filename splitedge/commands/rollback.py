@@ -1,0 +1,51 @@
+"""`splitedge rollback`: make the device's previous release current again."""
+
+from __future__ import annotations
+
+import argparse
+
+from splitedge.output import emit, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from splitedge.commands.flash import add_ssh_options
+
+    p = sub.add_parser(
+        "rollback",
+        help="switch a device back to its previous release",
+        description="Swap the device's `current` and `previous` releases atomically, "
+        "restart its service and run the health check on the restored release.",
+    )
+    p.add_argument("--host", required=True, help="USER@HOST[:PORT] or an ssh config alias")
+    add_ssh_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy.flash.flasher import rollback_device
+    from deploy.flash.transport import Target, Transport
+    from splitedge.errors import SplitedgeError
+
+    t = Transport(
+        Target.parse(args.host),
+        ssh_config=args.ssh_config,
+        ssh_options=args.ssh_option,
+        device_python=args.device_python,
+    )
+    r = rollback_device(t, args.root)
+    health = r["health"]
+    rows = [
+        {"field": "current", "value": r["current"]},
+        {"field": "was", "value": r["rolled_back_from"]},
+        {"field": "service", "value": r["service"]},
+        {
+            "field": "health",
+            "value": "ok" if health.get("ok") else f"FAILED: {health.get('error')}",
+        },
+    ]
+    emit(r, args.json, table(rows, title=f"{args.host}: rolled back"))
+    if not health.get("ok"):
+        raise SplitedgeError(
+            f"rolled back to {r['current']}, but its health check failed: {health.get('error')}"
+        )
+    return 0
