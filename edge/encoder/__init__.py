@@ -42,17 +42,51 @@ def backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def make_encoder(bundle: Any, backend: str = "auto") -> tuple[Encoder, str]:
-    """An encoder for a policy bundle, and a one-line reason for the backend chosen."""
+def make_encoder(bundle: Any, backend: str = "auto", **options: Any) -> tuple[Encoder, str]:
+    """An encoder for a policy bundle, and a one-line reason for the backend chosen.
+
+    `options` go to the backend's factory (e.g. `limits=` a device profile's limits for GL).
+    """
     _load()
     if backend == "auto":
-        return _BACKENDS["ort"](bundle), "ort: CPU fallback (no GL backend selected)"
+        backend, why = choose_auto()
+        encoder = _BACKENDS[backend](bundle, **(options if backend != "ort" else {}))
+        return encoder, _reason(encoder, backend, why)
     if backend not in _BACKENDS:
         raise SplitedgeError(
             f"unknown encoder backend {backend!r}; choose from auto, {', '.join(sorted(_BACKENDS))}"
         )
-    return _BACKENDS[backend](bundle), f"{backend}: requested"
+    encoder = _BACKENDS[backend](bundle, **options)
+    return encoder, _reason(encoder, backend, "requested")
+
+
+GL_PREFERENCE = ("gl33", "es31", "es2")  # most capable first: float storage before 8-bit
+
+
+def choose_auto() -> tuple[str, str]:
+    """(backend, why): a GL target on a real GPU, onnxruntime on a software renderer or without GL."""
+    from edge.encoder import egl
+
+    failures = []
+    for target in GL_PREFERENCE:
+        try:
+            ctx = egl.context(target)
+        except SplitedgeError as e:
+            failures.append(str(e))
+            continue
+        if ctx.software:
+            return "ort", (
+                f"the only GL here is {ctx.renderer}, a CPU rasteriser, where onnxruntime is "
+                "faster; pass --backend gl33|es31|es2 to force GL"
+            )
+        return target, f"{ctx.renderer} ({ctx.version}) is a GPU"
+    return "ort", f"no GL context ({failures[-1] if failures else 'none tried'})"
+
+
+def _reason(encoder: Any, backend: str, why: str) -> str:
+    detail = getattr(encoder, "detail", "")
+    return f"{backend}: {why}" + (f"; {detail}" if detail else "")
 
 
 def _load() -> None:
-    from edge.encoder import ort  # noqa: F401  (registers itself)
+    from edge.encoder import gl, ort  # noqa: F401  (register themselves)

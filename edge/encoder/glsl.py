@@ -1,0 +1,157 @@
+"""Pass plan -> GLSL: one renderer walks a pass; a small subclass per target supplies the tables.
+
+Everything that needs thought (packing, splitting, limits) happened in plan.py, so this is
+a straight walk. Weights, biases and scales are uniforms, never literals: the text depends
+only on the pass's shape. Geometry (sizes, strides, offsets) is literal.
+"""
+
+from __future__ import annotations
+
+from edge.encoder.plan import Pass, Plan
+
+
+def _f(v: float) -> str:
+    return repr(float(v))
+
+
+class Renderer:
+    """GLSL text for a pass; subclasses override the class attributes and `fetch`."""
+
+    target = ""
+    glsl = ""  # the GLSL version this target compiles
+    version = ""
+    precision = ""
+    vertex_in = "in"
+    out_decl = "out vec4 frag_color;"
+    out_var = "frag_color"
+
+    def fetch(self, sampler: str, x: str, y: str) -> str:
+        """Expression sampling texel (x, y) (floats holding integers) of `sampler` (size in `<sampler>_texel`)."""
+        return f"texelFetch({sampler}, ivec2(int({x}), int({y})), 0)"
+
+    def vertex(self) -> str:
+        """Full-screen triangle; the viewport picks the region a pass writes."""
+        return (
+            f"{self.version}\n{self.vertex_in} vec2 a_pos;\n"
+            "void main() { gl_Position = vec4(a_pos, 0.0, 1.0); }\n"
+        )
+
+    def fragment(self, p: Pass, plan: Plan) -> str:
+        """The fragment shader computing one output group of one pass."""
+        src, dst = plan.buffers[p.src], plan.buffers[p.dst]
+        head = [
+            self.version,
+            self.precision,
+            "uniform sampler2D u_src;",
+            "uniform vec2 u_src_texel;",
+            "uniform vec2 u_dec;  // x = sampled * u_dec.x + u_dec.y",
+            "uniform vec2 u_enc;  // 8-bit storage: q = x * u_enc.x + u_enc.y",
+        ]
+        if p.partial is not None:
+            head += ["uniform sampler2D u_partial;", "uniform vec2 u_partial_texel;"]
+        if p.op == "conv":
+            head += [
+                "uniform vec4 u_bias;",
+                f"uniform mat4 u_w[{len(p.taps)}];  // (in x out) per tap",
+            ]
+        head.append(self.out_decl)
+        lo, hi = "vec2(0.0)", f"vec2({_f(src.width - 1)}, {_f(src.height - 1)})"
+        funcs = [
+            "vec4 src_at(float x, float y) {",
+            f"  return {self.fetch('u_src', 'x', 'y')} * u_dec.x + u_dec.y;",
+            "}",
+            "vec4 src_in(vec2 c, float x0, float row0) {  // zero outside the image (padding)",
+            f"  vec2 cc = clamp(c, {lo}, {hi});",
+            "  return c == cc ? src_at(x0 + cc.x, row0 + cc.y) : vec4(0.0);",
+            "}",
+        ]
+        body = [
+            "void main() {",
+            "  vec2 p = floor(gl_FragCoord.xy);  // this texel of the destination atlas",
+            f"  float item = floor((p.y + 0.5) / {_f(dst.height)});  // batch item",
+            f"  vec2 o = vec2(p.x - {_f(p.group * dst.width)}, p.y - item * {_f(dst.height)});",
+            f"  vec2 base = o * {_f(p.stride)} - {_f(p.padding)};",
+            f"  float row0 = item * {_f(src.height)};",
+        ]
+        body += self._accumulate(p, src.width)
+        body += self._finish(p, dst.storage)
+        body += [f"  {self.out_var} = acc;", "}"]
+        return "\n".join([*head, *funcs, *body]) + "\n"
+
+    def _sample(self, p: Pass, n: int, src_width: int) -> str:
+        g, ky, kx = p.taps[n]
+        if p.padding:
+            return f"src_in(base + vec2({_f(kx)}, {_f(ky)}), {_f(g * src_width)}, row0)"
+        return f"src_at({_f(g * src_width)} + base.x + {_f(kx)}, row0 + base.y + {_f(ky)})"
+
+    def _accumulate(self, p: Pass, src_width: int) -> list[str]:
+        n = len(p.taps)
+        if p.op == "conv":
+            start = (
+                "vec4(0.0)"
+                if p.partial is None
+                else self.fetch("u_partial", "p.x", "p.y").replace("u_src_texel", "u_partial_texel")
+            )
+            return [
+                f"  vec4 acc = {start};",
+                *(f"  acc += u_w[{i}] * {self._sample(p, i, src_width)};" for i in range(n)),
+            ]
+        if p.op == "maxpool":
+            return [
+                f"  vec4 acc = {self._sample(p, 0, src_width)};",
+                *(f"  acc = max(acc, {self._sample(p, i, src_width)});" for i in range(1, n)),
+            ]
+        if p.op == "avgpool":
+            return [
+                "  vec4 acc = vec4(0.0);",
+                *(f"  acc += {self._sample(p, i, src_width)};" for i in range(n)),
+                f"  acc = acc / {_f(n)};",
+            ]
+        raise ValueError(f"{self.target}: no shader for op {p.op!r} (layer {p.label})")
+
+    def _finish(self, p: Pass, storage: str) -> list[str]:
+        if not p.finish:
+            return []  # a partial sum: stored as is, for the next chunk
+        lines = ["  acc += u_bias;"] if p.op == "conv" else []
+        if p.relu:
+            lines.append("  acc = max(acc, 0.0);")
+        if storage == "u8":  # RGBA8 stores q / 255 exactly for integer q
+            lines.append("  acc = clamp(floor(acc * u_enc.x + u_enc.y + 0.5), 0.0, 255.0) / 255.0;")
+        return lines
+
+
+class GL33Renderer(Renderer):
+    """Desktop OpenGL 3.3 core (Jetson Nano)."""
+
+    target, glsl, version = "gl33", "GLSL 3.30", "#version 330 core"
+
+
+class ES31Renderer(Renderer):
+    """OpenGL ES 3.1, GLSL ES 3.10 (Raspberry Pi 4B)."""
+
+    target, glsl, version = "es31", "GLSL ES 3.10", "#version 310 es"
+    precision = "precision highp float;\nprecision highp int;\nprecision highp sampler2D;"
+
+
+class ES2Renderer(Renderer):
+    """OpenGL ES 2.0, GLSL ES 1.00 (Raspberry Pi Zero 2 W): no texelFetch, so texel centres by hand."""
+
+    target, glsl, version = "es2", "GLSL ES 1.00", "#version 100"
+    # samplers default to lowp in GLSL ES 1.00 and Mesa honours it: texture2D results then lose
+    # ~1e-3 relative and 8-bit storage rounds the wrong way, so ask for highp wherever it exists
+    precision = (
+        "#ifdef GL_FRAGMENT_PRECISION_HIGH\nprecision highp float;\nprecision highp sampler2D;\n"
+        "#else\nprecision mediump float;\n#endif"
+    )
+    vertex_in = "attribute"
+    out_decl = ""
+    out_var = "gl_FragColor"
+
+    def fetch(self, sampler: str, x: str, y: str) -> str:
+        # NEAREST filtering at the exact centre of texel (x, y): no neighbour can leak in
+        return f"texture2D({sampler}, (vec2({x}, {y}) + 0.5) * {sampler}_texel)"
+
+
+RENDERERS: dict[str, type[Renderer]] = {
+    r.target: r for r in (GL33Renderer, ES31Renderer, ES2Renderer)
+}
