@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned first: any other torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[edge,server,gl,train,measure,dev]"
+	$(BIN)/pip install -q -e ".[edge,server,gl,camera,train,measure,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
