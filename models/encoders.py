@@ -6,6 +6,7 @@ the IR/weights exporter, so there is no second copy of the architecture.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -53,6 +54,25 @@ class FakeQuantU8(nn.Module):
         return torch.round(torch.clamp(x, 0.0, self.max_value) / self.scale).to(torch.uint8)
 
 
+class FakeQuantAffine(nn.Module):
+    """8-bit storage of an activation between es2 passes: x -> (q - zp) * scale, q in 0..255.
+
+    Straight-through gradient inside the representable range, as FakeQuantU8.
+    """
+
+    def __init__(self, scale: float, zero_point: int = 0):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = -self.zero_point * self.scale, (255 - self.zero_point) * self.scale
+        x = torch.clamp(x, lo, hi)
+        q = torch.round(x / self.scale) * self.scale
+        if not self.training:
+            return q
+        return x + (q - x).detach()
+
+
 def build_ir(arch: str | list[dict[str, Any]], channels: int, height: int, width: int) -> EncoderIR:
     """IR for a named (or explicit) architecture on an input shape, channels chained."""
     spec = ARCHS[arch] if isinstance(arch, str) else arch
@@ -75,14 +95,34 @@ def build_ir(arch: str | list[dict[str, Any]], channels: int, height: int, width
     )
 
 
+def _storage_points(ir: EncoderIR, act_quant: Sequence[Any] | None) -> dict[int, nn.Module]:
+    """Layer index after which each stored (non-final) stage output is fake-quantised."""
+    if not act_quant:
+        return {}
+    from edge.encoder.reference import stages  # the stage definition the GL compiler uses
+
+    quant = {q.layer: q for q in act_quant}
+    out: dict[int, nn.Module] = {}
+    for stage in stages(ir)[:-1]:
+        if stage.index in quant:
+            end = stage.index
+            while end + 1 < len(ir.layers) and ir.layers[end + 1].op == "relu":
+                end += 1
+            out[end] = FakeQuantAffine(quant[stage.index].scale, quant[stage.index].zero_point)
+    return out
+
+
 class MiniConv(nn.Module):
     """IR-described conv/ReLU/pool stack; input is float in [0, 1] (B, C, H, W)."""
 
-    def __init__(self, ir: EncoderIR):
+    def __init__(self, ir: EncoderIR, act_quant: Sequence[Any] | None = None):
+        """`act_quant`: optional es2 activation scales (edge.encoder.reference.ActQuant list):
+        quantisation-aware mode, each stored stage output is fake-quantised to 8 bits."""
         super().__init__()
         self.ir = ir
         mods: list[nn.Module] = []
-        for layer in ir.layers:
+        storage_after = _storage_points(ir, act_quant)
+        for i, layer in enumerate(ir.layers):
             if layer.op == "conv":
                 mods.append(
                     nn.Conv2d(
@@ -101,11 +141,31 @@ class MiniConv(nn.Module):
                 mods.append(nn.AvgPool2d(layer.kernel))
             elif layer.op == "flatten":
                 mods.append(nn.Flatten())
+            if i in storage_after:
+                mods.append(storage_after[i])
         self.net = nn.Sequential(*mods)
         self.quant = FakeQuantU8(ir.output_scale * 255.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant(self.net(x).flatten(1))  # (B, F) on the uint8 grid
+
+    @classmethod
+    def from_weights(
+        cls, ir: EncoderIR, weights: dict[str, np.ndarray], act_quant: Sequence[Any] | None = None
+    ) -> MiniConv:
+        """A MiniConv holding IR weights (<name>.weight / <name>.bias), in eval mode."""
+        model = cls(ir, act_quant)
+        convs = [layer for layer in ir.layers if layer.op == "conv"]
+        mods = [m for m in model.net if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            for layer, mod in zip(convs, mods, strict=True):
+                mod.weight.copy_(
+                    torch.from_numpy(np.asarray(weights[f"{layer.name}.weight"], np.float32))
+                )
+                mod.bias.copy_(
+                    torch.from_numpy(np.asarray(weights[f"{layer.name}.bias"], np.float32))
+                )
+        return model.eval()
 
     def weights(self) -> dict[str, np.ndarray]:
         """IR weight dict: <name>.weight / <name>.bias as float32 numpy."""
@@ -123,13 +183,19 @@ class MiniConvExtractor(BaseFeaturesExtractor):
 
     :param observation_space: uint8 (C, H, W) image space
     :param arch: name in ARCHS (or an explicit layer list)
+    :param act_quant: es2 activation scales for quantisation-aware training (default: none)
     """
 
-    def __init__(self, observation_space: gym.spaces.Box, arch: str = "miniconv"):
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        arch: str = "miniconv",
+        act_quant: Sequence[Any] | None = None,
+    ):
         c, h, w = observation_space.shape
         ir = build_ir(arch, c, h, w)
         super().__init__(observation_space, features_dim=ir.feature_count)
-        self.encoder = MiniConv(ir)
+        self.encoder = MiniConv(ir, act_quant)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.encoder(observations)

@@ -57,8 +57,7 @@ class GLEncoder:
         self._vbo = gl.glGenBuffers(1)
         gl.glBindBuffer(gl.GL_ARRAY_BUFFER, self._vbo)
         gl.glBufferData(gl.GL_ARRAY_BUFFER, _TRIANGLE.nbytes, _TRIANGLE, gl.GL_STATIC_DRAW)
-        gl.glEnableVertexAttribArray(0)
-        gl.glVertexAttribPointer(0, 2, gl.GL_FLOAT, gl.GL_FALSE, 0, None)
+        self._point_attribute()  # recorded in the VAO on gl33; redone per run on ES
         self._textures = [self._texture() for _ in self.plan.buffers]
         self._capacity = 0
         self._reserve(1)
@@ -72,6 +71,19 @@ class GLEncoder:
         self.detail = f"{self.ctx.version} ({self.ctx.renderer}), {self.renderer.glsl}, {storage}"
 
     # -- setup ---------------------------------------------------------------------------
+    def _point_attribute(self) -> None:
+        gl = self.gl
+        gl.glBindBuffer(gl.GL_ARRAY_BUFFER, self._vbo)
+        gl.glEnableVertexAttribArray(0)
+        gl.glVertexAttribPointer(0, 2, gl.GL_FLOAT, gl.GL_FALSE, 0, None)
+
+    def _bind_vertices(self) -> None:
+        """Our triangle on attribute 0: without a VAO (ES) that state is shared by every encoder."""
+        if self._vao is not None:
+            self.gl.glBindVertexArray(self._vao)
+        else:
+            self._point_attribute()
+
     def _texture(self) -> Any:
         gl = self.gl
         tex = gl.glGenTextures(1)
@@ -228,8 +240,7 @@ class GLEncoder:
             gl.GL_UNSIGNED_BYTE,
             np.ascontiguousarray(atlas),
         )
-        if self._vao is not None:
-            gl.glBindVertexArray(self._vao)
+        self._bind_vertices()
         bound = None
         for p, prog in zip(plan.passes, self._programs, strict=True):
             dst = plan.buffers[p.dst]
