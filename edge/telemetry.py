@@ -63,6 +63,17 @@ def summarise(records: Sequence[StepRecord]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size in MB.
+
+    On Linux this reads VmHWM from /proc: ru_maxrss survives execve, so a child forked
+    from a big parent (a test runner with torch loaded) would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0 if os.uname().sysname == "Linux" else kib / 1024.0 / 1024.0

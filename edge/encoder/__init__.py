@@ -6,6 +6,7 @@ same reference. Backends register by name; `make_encoder` picks one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -63,8 +64,25 @@ def make_encoder(bundle: Any, backend: str = "auto", **options: Any) -> tuple[En
 GL_PREFERENCE = ("gl33", "es31", "es2")  # most capable first: float storage before 8-bit
 
 
+_AUTO_LOCK = threading.Lock()
+_AUTO_CHOICE: tuple[str, str] | None = None
+
+
 def choose_auto() -> tuple[str, str]:
-    """(backend, why): a GL target on a real GPU, onnxruntime on a software renderer or without GL."""
+    """(backend, why), probed once per process.
+
+    An EGL context is current on one thread at a time, so concurrent clients must not each
+    probe: the first caller decides under a lock and everyone reuses its answer.
+    """
+    global _AUTO_CHOICE
+    with _AUTO_LOCK:
+        if _AUTO_CHOICE is None:
+            _AUTO_CHOICE = _probe_auto()
+        return _AUTO_CHOICE
+
+
+def _probe_auto() -> tuple[str, str]:
+    """A GL target on a real GPU, onnxruntime on a software renderer or without GL."""
     from edge.encoder import egl
 
     failures = []
