@@ -118,6 +118,10 @@ def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
     """Decode a PNG/JPEG frame made as the module docstring says back to uint8 (C, H, W)."""
     from PIL import Image, UnidentifiedImageError
 
+    if len(spec.shape) != 3:
+        raise _invalid(
+            f"{codec} frames need a [C, H, W] observation; this bundle's is {list(spec.shape)}"
+        )
     c, h, w = spec.shape
     mode = PIL_MODES.get(c)
     if mode is None:

@@ -345,3 +345,32 @@ def test_reflection_lists_the_policy_service(served: Served) -> None:
     )
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"splitedge.v1.Policy", "grpc.health.v1.Health"} <= names
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_action(tiny_bundle: Path) -> None:
+    import threading
+
+    # a long delay with max_batch = clients: the batcher waits until all of them are in
+    s = start(tiny_bundle, max_batch=6, max_delay_ms=2000.0)
+    try:
+        feats = random_features(s, 6, seed=7)
+        want = reference(s.bundle, "head.onnx", feats).tolist()
+        sids = [session(s) for _ in feats]
+        got: dict[int, int] = {}
+
+        def one(i: int) -> None:
+            r = s.stub.Act(
+                pb.ActRequest(session_id=sids[i], step=i, input=feature_tensor(s, feats[i])),
+                timeout=T,
+            )
+            got[i] = action_of(r)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(feats))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(T)
+        assert [got[i] for i in range(len(feats))] == want
+        assert s.servicer.head.batch_sizes == {6: 1}  # one model call answered all six
+    finally:
+        stop(s)

@@ -165,3 +165,14 @@ def test_config_defaults() -> None:
         cfg.ort_threads,
     ) == (64, 0.0, 4 << 20, 32, 5.0, 1)
     assert ServerConfig(bundle=Path("b"), host="::1", port=5).address == "[::1]:5"
+
+
+def test_server_imports_no_torch_edge_or_models() -> None:
+    code = (
+        "import sys; sys.modules.update({m: None for m in ('torch', 'stable_baselines3', 'models', 'edge')});"
+        "import server.app, server.servicer, splitedge.commands.serve; print('ok')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
