@@ -8,21 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from splitedge.bundle import Bundle, load_bundle
 from splitedge.errors import SplitedgeError
-
-
-def cpu_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU onnxruntime session for small models: few threads, no spinning between calls."""
-    # Same settings as edge/encoder/ort.py; server may not import edge, so it lives here too.
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+from splitedge.onnx import cpu_session
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from edge.encoder import register_backend
-
-
-def cpu_session(path: Any, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session tuned for small per-frame models: few threads, no spinning."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+from splitedge.onnx import cpu_session
 
 
 class OrtEncoder:
