@@ -205,6 +205,20 @@ class GLEncoder:
             )
         return out
 
+    def stage_outputs(self, observations: np.ndarray) -> list[np.ndarray]:
+        """Every stage's stored output, decoded to float32 (B, C, H, W): for tests and debugging."""
+        if len(observations) > self.plan.max_batch():
+            raise ValueError(f"stage_outputs takes at most {self.plan.max_batch()} frames at once")
+        self._run_all(observations)  # one chunk, so every texture still holds this batch
+        outs = []
+        for index in self.plan.stage_buffers:
+            buf = self.plan.buffers[index]
+            raw = self._read(index, len(observations)).astype(np.float32)
+            if buf.storage == "u8":
+                raw = (raw - buf.zero_point) * np.float32(buf.scale)
+            outs.append(raw.reshape(len(observations), buf.channels, buf.height, buf.width))
+        return outs
+
     def _run_all(self, observations: np.ndarray) -> np.ndarray:
         obs = np.asarray(observations)
         want = (self.ir.channels, self.ir.height, self.ir.width)

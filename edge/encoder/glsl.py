@@ -84,18 +84,40 @@ class Renderer:
             return f"src_in(base + vec2({_f(kx)}, {_f(ky)}), {_f(g * src_width)}, row0)"
         return f"src_at({_f(g * src_width)} + base.x + {_f(kx)}, row0 + base.y + {_f(ky)})"
 
+    def _conv_loop(self, p: Pass, src_width: int) -> list[str]:
+        # A loop, not unrolled text: llvmpipe's LLVM takes seconds on ~100 unrolled taps, and
+        # device compilers unroll constant-bound loops themselves. A pass's taps are a
+        # contiguous run of the (group, ky, kx) enumeration, so the tap index decodes to them.
+        k = p.kernel
+        g0, ky0, kx0 = p.taps[0]
+        first = (g0 * k + ky0) * k + kx0
+        if [(g * k + ky) * k + kx for g, ky, kx in p.taps] != list(
+            range(first, first + len(p.taps))
+        ):
+            raise ValueError(f"{self.target}: taps of {p.label} are not contiguous")
+        start = "vec4(0.0)" if p.partial is None else self.fetch("u_partial", "p.x", "p.y")
+        offset = "vec2(float(kx), float(ky))"
+        if p.padding:
+            sample = f"src_in(base + {offset}, float(g * {src_width}), row0)"
+        else:
+            sample = (
+                f"src_at(float(g * {src_width}) + base.x + float(kx), row0 + base.y + float(ky))"
+            )
+        return [
+            f"  vec4 acc = {start};",
+            f"  for (int t = 0; t < {len(p.taps)}; t++) {{",
+            f"    int n = t + {first};",
+            f"    int g = n / {k * k};",
+            f"    int ky = (n - g * {k * k}) / {k};",
+            f"    int kx = n - g * {k * k} - ky * {k};",
+            f"    acc += u_w[t] * {sample};",
+            "  }",
+        ]
+
     def _accumulate(self, p: Pass, src_width: int) -> list[str]:
         n = len(p.taps)
         if p.op == "conv":
-            start = (
-                "vec4(0.0)"
-                if p.partial is None
-                else self.fetch("u_partial", "p.x", "p.y").replace("u_src_texel", "u_partial_texel")
-            )
-            return [
-                f"  vec4 acc = {start};",
-                *(f"  acc += u_w[{i}] * {self._sample(p, i, src_width)};" for i in range(n)),
-            ]
+            return self._conv_loop(p, src_width)
         if p.op == "maxpool":
             return [
                 f"  vec4 acc = {self._sample(p, 0, src_width)};",

@@ -130,6 +130,7 @@ class Plan:
     passes: list[Pass]
     output: int
     limits: Limits
+    stage_buffers: list[int] = field(default_factory=list)  # each stage's output buffer, in order
 
     def max_batch(self) -> int:
         """Largest batch whose atlases fit the texture-size limit."""
@@ -149,7 +150,9 @@ def build_plan(
     quant = {q.layer: q for q in act_quant or ()}
     buffers = [Buffer(ir.channels, ir.height, ir.width, "frame", ir.input_scale)]
     passes: list[Pass] = []
+    _check_texture_size("input", buffers[0], limits, target)
     src = 0
+    stage_buffers: list[int] = []
     for n, stage in enumerate(all_stages):
         c, h, w = stage.out_shape
         if n == len(all_stages) - 1 and not limits.float_storage:
@@ -165,7 +168,7 @@ def build_plan(
                 f"{target}: stage {stage.label} has no 8-bit activation scale; "
                 "calibrate one (edge.encoder.calibrate) or record it in the bundle"
             )
-        _check_texture_size(stage, out, limits, target)
+        _check_texture_size(stage.label, out, limits, target)
         buffers.append(out)
         dst = len(buffers) - 1
         if stage.layer.op == "conv":
@@ -173,16 +176,17 @@ def build_plan(
         else:
             passes += _pool_passes(stage, src, dst, buffers[src].groups, limits, target)
         src = dst
+        stage_buffers.append(dst)
     for p in passes:
         _check_pass(p, limits, target)
-    return Plan(buffers, passes, src, limits)
+    return Plan(buffers, passes, src, limits, stage_buffers)
 
 
-def _check_texture_size(stage: Stage, out: Buffer, limits: Limits, target: str) -> None:
+def _check_texture_size(label: str, out: Buffer, limits: Limits, target: str) -> None:
     size = limits.max_texture_size
     if size is not None and max(out.atlas_width, out.height) > size:
         raise PlanError(
-            f"{target}: layer {stage.label} needs a {out.atlas_width}x{out.height} texture "
+            f"{target}: layer {label} needs a {out.atlas_width}x{out.height} texture "
             f"({out.groups} groups of 4 channels x {out.width} wide), but {limits.source} allows "
             f"max_texture_size={size}"
         )

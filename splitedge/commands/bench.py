@@ -146,7 +146,7 @@ def run_encoder(args: argparse.Namespace) -> int:
         )
     frames = task_frames(policy.get("task", "unknown"), max(64, 4 * max(batches)), seed=0)
 
-    speed = []
+    speed: list[dict[str, Any]] = []
     for batch in batches:
         times = bench.time_side_by_side(encoders, frames, batch, args.seconds)
         base = times.get("torch")
@@ -203,7 +203,7 @@ def run_encoder(args: argparse.Namespace) -> int:
     for enc in closers:
         enc.close()
 
-    result = {
+    result: dict[str, Any] = {
         "bundle": f"{bundle.name} {bundle.version}",
         "profile": args.profile,
         "backends": reasons,
