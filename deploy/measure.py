@@ -11,6 +11,7 @@ link's rates + measured encode + measured server compute.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

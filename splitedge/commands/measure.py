@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     add_client_options(p)
-    p.set_defaults(func=run)
+    # Measuring slow links: a raw frame over GPRS takes ~3 s, so the loop's 2 s default is too short.
+    p.set_defaults(func=run, deadline_ms=30_000.0)
 
 
 def run(args: argparse.Namespace) -> int:
