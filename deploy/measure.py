@@ -118,9 +118,10 @@ def measure_cell(
             after = link.stats()
     failed = [r.error for r in result.records if r.fallback]
     if len(failed) == cfg.steps:
+        causes = "; ".join(f"{n}x {e}" for e, n in Counter(failed).most_common(2))
         raise SplitedgeError(
-            f"{profile.name}/{mode}: every decision fell back ({failed[0]}); "
-            "is the server healthy and the deadline long enough for this link?"
+            f"{profile.name}/{mode}: every decision fell back ({causes}); "
+            "is the server healthy and --deadline-ms long enough for this link?"
         )
     up = (after["bytes_up"] - before["bytes_up"]) / cfg.steps
     down = (after["bytes_down"] - before["bytes_down"]) / cfg.steps
