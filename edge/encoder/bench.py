@@ -46,6 +46,77 @@ def time_side_by_side(
     return {name: float(np.median(v)) for name, v in per_round.items()}
 
 
+def speed_rows(
+    encoders: dict[str, Encode], frames: np.ndarray, batches: list[int], seconds: float
+) -> list[dict[str, Any]]:
+    """ms per frame and frames/s per encoder and batch size, and the ratio to torch's frames/s."""
+    rows = []
+    for batch in batches:
+        times = time_side_by_side(encoders, frames, batch, seconds)
+        base = times.get("torch")
+        for name, t in times.items():
+            rows.append(
+                {
+                    "backend": name,
+                    "batch": batch,
+                    "ms_per_frame": t * 1e3,
+                    "frames_per_s": 1.0 / t,
+                    "x_torch_fps": (base / t) if base else None,
+                }
+            )
+    return rows
+
+
+def gl_overhead_rows(
+    ir: EncoderIR, targets: list[str], frames: np.ndarray, seconds: float, limits: Any = None
+) -> list[dict[str, Any]]:
+    """The GL path's fixed cost per frame (upload, one pass, readback) on each target, batch 1."""
+    from edge.encoder.gl import GLEncoder
+
+    probe_ir, probe_w = one_layer_ir(ir)
+    probes = {t: GLEncoder(probe_ir, probe_w, t, limits, act_quant=[]) for t in targets}
+    try:
+        times = (
+            time_side_by_side({t: p.encode for t, p in probes.items()}, frames, 1, seconds)
+            if probes
+            else {}
+        )
+    finally:
+        for p in probes.values():
+            p.close()
+    return [
+        {"backend": t, "net": "1 pass (1x1 conv)", "ms_per_frame": s * 1e3}
+        for t, s in times.items()
+    ]
+
+
+def fidelity_rows(
+    encoders: dict[str, Encode],
+    reference: str,
+    head: Any,
+    observations: np.ndarray,
+    task: str,
+    episodes: int,
+) -> list[dict[str, Any]]:
+    """Per encoder: features and head actions identical to the reference encoder's; mean return."""
+    ref_feat = encoders[reference](observations)
+    ref_act = head_actions(head, ref_feat)
+    rows = []
+    for name, encode in encoders.items():
+        feat = encode(observations)
+        row: dict[str, Any] = {
+            "backend": name,
+            "vs": reference,
+            "features_identical_%": 100.0 * float(np.mean(feat == ref_feat)),
+            "max_feature_diff": int(np.abs(feat.astype(int) - ref_feat).max()),
+            "actions_identical_%": 100.0 * float(np.mean(head_actions(head, feat) == ref_act)),
+        }
+        if episodes > 0:
+            row["mean_return"] = float(np.mean(episode_returns(encode, head, task, episodes)))
+        rows.append(row)
+    return rows
+
+
 def one_layer_ir(ir: EncoderIR) -> tuple[EncoderIR, dict[str, np.ndarray]]:
     """A 1x1 conv to 4 channels on the same input: one pass, so its time is the GL path's fixed cost."""
     layer = Layer("conv", "probe", ir.channels, 4, 1, 1, 0)

@@ -46,9 +46,20 @@ class GLContext:
 
     def make_current(self) -> None:
         """Bind this context to the calling thread (cheap when it already is)."""
-        if self.egl.eglGetCurrentContext() != self.context:
-            if not self.egl.eglMakeCurrent(self.display, self.surface, self.surface, self.context):
-                raise GLUnavailable(f"{self.target}: eglMakeCurrent failed")
+        if self.egl.eglGetCurrentContext() == self.context:
+            return
+        try:
+            ok = self.egl.eglMakeCurrent(self.display, self.surface, self.surface, self.context)
+        except Exception as e:  # PyOpenGL's EGLError; EGL_BAD_ACCESS when another thread holds it
+            ok, why = False, f"{type(e).__name__} {getattr(e, 'err', '')}".strip()
+        else:
+            why = "eglMakeCurrent returned false"
+        if not ok:
+            raise GLUnavailable(
+                f"{self.target}: cannot bind the GL context to this thread ({why}); "
+                "an EGL context is current in one thread at a time, so use each GL "
+                "encoder from a single thread"
+            )
 
     def limits(self) -> Limits:
         """What this context reports: texture units, uniform space, texture size, float render targets."""

@@ -108,27 +108,58 @@ def _torch_encoder(bundle: Any) -> tuple[Callable[[Any], Any], str]:
 
 
 def run_encoder(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from edge.encoder import bench, make_encoder
+    from edge.encoder import bench
     from edge.encoder.calibrate import task_frames
-    from edge.encoder.gl import GLEncoder
     from edge.encoder.ort import cpu_session
     from splitedge.bundle import load_bundle
 
     batches = _ints(args.batch, "--batch")
-    names = [n.strip() for n in args.backends.split(",") if n.strip()]
     bundle = load_bundle(args.bundle)
-    policy = bundle.policy
+    policy, task = bundle.policy, bundle.policy.get("task", "unknown")
     limits = None
     if args.profile:
         from deploy.devices import load_profile
 
         limits = load_profile(args.profile).limits()
+    encoders, reasons, closers = _start_backends(bundle, args.backends, limits)
+    frames = task_frames(task, max(64, 4 * max(batches)), seed=0)
+    try:
+        speed = bench.speed_rows(encoders, frames, batches, args.seconds)
+        targets = [n for n in encoders if n in GL_TARGETS]
+        overhead = bench.gl_overhead_rows(bundle_ir(bundle), targets, frames, args.seconds, limits)
+        fidelity = []
+        if args.agreement > 0:
+            head = cpu_session(bundle.file(policy["head"]["onnx"]))
+            reference = "torch" if "torch" in encoders else next(iter(encoders))
+            obs = task_frames(task, args.agreement, seed=1)
+            fidelity = bench.fidelity_rows(encoders, reference, head, obs, task, args.episodes)
+    finally:
+        for enc in closers:
+            enc.close()
+    result: dict[str, Any] = {
+        "bundle": f"{bundle.name} {bundle.version}",
+        "profile": args.profile,
+        "backends": reasons,
+        "speed": speed,
+        "gl_fixed_overhead": overhead,
+        "fidelity": fidelity,
+    }
+    by = {(r["backend"], r["batch"]): r["frames_per_s"] for r in speed}
+    if ("ort", 1) in by and ("torch", 1) in by:
+        result["ort_vs_torch_fps_batch1"] = by[("ort", 1)] / by[("torch", 1)]
+    emit(result, args.json, _text(result, args.agreement))
+    return 0
+
+
+def _start_backends(
+    bundle: Any, names: str, limits: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """(encode callables, a reason row per backend, encoders to close); unavailable ones say why."""
+    from edge.encoder import make_encoder
+
     encoders: dict[str, Callable[[Any], Any]] = {}
-    reasons: list[dict[str, Any]] = []
-    closers = []
-    for name in names:
+    reasons, closers = [], []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
         try:
             if name == "torch":
                 encoders[name], why = _torch_encoder(bundle)
@@ -141,105 +172,27 @@ def run_encoder(args: argparse.Namespace) -> int:
             why = f"unavailable: {e}"
         reasons.append({"backend": name, "how": why})
     if not encoders:
-        raise SplitedgeError(
-            "no backend could be started; see the reasons above or pick --backends ort"
-        )
-    frames = task_frames(policy.get("task", "unknown"), max(64, 4 * max(batches)), seed=0)
+        raise SplitedgeError("no encoder backend could be started (see above); try --backends ort")
+    return encoders, reasons, closers
 
-    speed: list[dict[str, Any]] = []
-    for batch in batches:
-        times = bench.time_side_by_side(encoders, frames, batch, args.seconds)
-        base = times.get("torch")
-        for name, t in times.items():
-            speed.append(
-                {
-                    "backend": name,
-                    "batch": batch,
-                    "ms_per_frame": t * 1e3,
-                    "frames_per_s": 1.0 / t,
-                    "x_torch_fps": (base / t) if base else None,
-                }
+
+def _text(result: dict[str, Any], agreement: int) -> str:
+    parts = [
+        table(result["backends"], title=f"bench encoder: {result['bundle']}"),
+        table(result["speed"], title="speed (median of interleaved rounds)"),
+    ]
+    if result["gl_fixed_overhead"]:
+        parts.append(
+            table(
+                result["gl_fixed_overhead"],
+                title="GL fixed per-frame cost: upload + 1 pass + readback, batch 1",
             )
-
-    overhead = []
-    probe_ir, probe_w = bench.one_layer_ir(bundle_ir(bundle))
-    probes = {}
-    for target in (n for n in names if n in GL_TARGETS and n in encoders):
-        probes[target] = GLEncoder(probe_ir, probe_w, target, limits, act_quant=[])
-    if probes:
-        times = bench.time_side_by_side(
-            {k: v.encode for k, v in probes.items()}, frames, 1, args.seconds
         )
-        overhead = [
-            {"backend": k, "net": "1 pass (1x1 conv)", "ms_per_frame": t * 1e3}
-            for k, t in times.items()
-        ]
-        for p in probes.values():
-            p.close()
-
-    head = cpu_session(bundle.file(policy["head"]["onnx"]))
-    fidelity = []
-    if args.agreement > 0:
-        obs = task_frames(policy.get("task", "unknown"), args.agreement, seed=1)
-        ref_name = "torch" if "torch" in encoders else next(iter(encoders))
-        ref_feat = encoders[ref_name](obs)
-        ref_act = bench.head_actions(head, ref_feat)
-        for name, encode in encoders.items():
-            feat = encode(obs)
-            row: dict[str, Any] = {
-                "backend": name,
-                "vs": ref_name,
-                "features_identical_%": 100.0 * float(np.mean(feat == ref_feat)),
-                "max_feature_diff": int(np.abs(feat.astype(int) - ref_feat).max()),
-                "actions_identical_%": 100.0
-                * float(np.mean(bench.head_actions(head, feat) == ref_act)),
-            }
-            if args.episodes > 0:
-                returns = bench.episode_returns(
-                    encode, head, policy.get("task", "unknown"), args.episodes
-                )
-                row["mean_return"] = float(np.mean(returns))
-            fidelity.append(row)
-    for enc in closers:
-        enc.close()
-
-    result: dict[str, Any] = {
-        "bundle": f"{bundle.name} {bundle.version}",
-        "profile": args.profile,
-        "backends": reasons,
-        "speed": speed,
-        "gl_fixed_overhead": overhead,
-        "fidelity": fidelity,
-    }
-    by = {(r["backend"], r["batch"]): r for r in speed}
-    if ("ort", 1) in by and ("torch", 1) in by:
-        result["ort_vs_torch_fps_batch1"] = (
-            by[("ort", 1)]["frames_per_s"] / by[("torch", 1)]["frames_per_s"]
-        )
-    text = "\n\n".join(
-        filter(
-            None,
-            [
-                table(reasons, title=f"bench encoder: {result['bundle']}"),
-                table(speed, title="speed (median of interleaved rounds)"),
-                table(
-                    overhead, title="GL fixed per-frame cost: upload + 1 pass + readback, batch 1"
-                )
-                if overhead
-                else "",
-                table(fidelity, title=f"fidelity on {args.agreement} task observations")
-                if fidelity
-                else "",
-                (
-                    f"ort / torch frames/s at batch 1: {result['ort_vs_torch_fps_batch1']:.2f}x"
-                    if "ort_vs_torch_fps_batch1" in result
-                    else ""
-                ),
-            ],
-        )
-    )
-    emit(result, args.json, text)
-    return 0
+    if result["fidelity"]:
+        parts.append(table(result["fidelity"], title=f"fidelity on {agreement} task observations"))
+    if "ort_vs_torch_fps_batch1" in result:
+        parts.append(f"ort / torch frames/s at batch 1: {result['ort_vs_torch_fps_batch1']:.2f}x")
+    return "\n\n".join(parts)
 
 
 def bundle_ir(bundle: Any) -> Any:
