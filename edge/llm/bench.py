@@ -1,0 +1,214 @@
+"""Side-by-side LLM bundle benchmark: one worker process per bundle, interleaved rounds.
+
+Each bundle runs in its own spawned process (importing no torch), so RSS and table
+residency are per bundle; the parent sends the same work to every worker in turn and
+reverses the order every other round, so slow phases of a shared machine hit all alike.
+The first round starts from a cold page cache (unless warm) and is where the table's
+residency after `new_tokens` tokens is read; later rounds give the tokens/s medians.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitedge.errors import SplitedgeError
+
+
+@dataclass
+class BenchConfig:
+    """What each bundle is asked to do."""
+
+    rounds: int = 6  # round 0 is the cold warm-up; the medians use rounds 1..
+    new_tokens: int = 256
+    prompt_tokens: int = 64
+    ppl_tokens: int = 16384
+    threads: int = 1
+    cold: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rounds < 2:
+            raise ValueError(f"rounds must be >= 2 (round 0 is warm-up), got {self.rounds}")
+        for name in ("new_tokens", "prompt_tokens", "ppl_tokens", "threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
+    """Serve ('gen' | 'score' | 'memory' | 'quit', payload) requests for one bundle."""
+    from edge.llm.runtime import LlmRuntime
+    from edge.llm.sampling import Sampler
+
+    try:
+        rt = LlmRuntime(bundle, threads=threads)
+        if cold and rt.table is not None:
+            rt.table.drop_cache()
+        val = np.fromfile(
+            rt.bundle.file(rt.bundle.manifest["llm"]["validation"]["tokens"]), dtype=np.uint16
+        )
+        conn.send({"ok": True, "val_tokens": val, "rss_loaded": _rss_bytes()})
+    except Exception as e:  # report to the parent instead of dying silently
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        return
+    while True:
+        cmd, payload = conn.recv()
+        if cmd == "gen":
+            prompt, n, seed = payload
+            gen = rt.generate_ids(prompt, n, Sampler(), seed=seed, stop_at_eot=False)
+            conn.send(
+                {"prompt_tps": gen.prompt_tps, "gen_tps": gen.gen_tps, "new_tokens": len(gen.ids)}
+            )
+        elif cmd == "score":
+            conn.send(rt.score(payload))
+        elif cmd == "memory":
+            table = rt.table
+            conn.send(
+                {
+                    "rss": _rss_bytes(),
+                    "torch_imported": "torch" in sys.modules,
+                    "table_bytes": table.size_bytes if table else 0,
+                    "table_resident": table.resident_bytes() if table else 0,
+                    "table_bytes_read": table.bytes_read if table else 0,
+                }
+            )
+        else:
+            rt.close()
+            conn.send({"bye": True})
+            return
+
+
+def run_bench(bundles: list[str], cfg: BenchConfig) -> dict[str, Any]:
+    """Benchmark bundles side by side; ratios are against bundles[0]."""
+    from splitedge.bundle import load_bundle
+
+    manifests = [load_bundle(b).manifest for b in bundles]
+    for b, m in zip(bundles, manifests, strict=True):
+        if m["kind"] != "llm":
+            raise SplitedgeError(f"{b} is a {m['kind']!r} bundle; llm bench needs llm bundles")
+    ctx = mp.get_context("spawn")
+    workers = []
+    for b in bundles:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, b, cfg.threads, cfg.cold), daemon=True)
+        proc.start()
+        workers.append((parent, proc))
+    try:
+        return _measure(bundles, manifests, workers, cfg)
+    finally:
+        for parent, proc in workers:
+            if proc.is_alive():
+                try:
+                    parent.send(("quit", None))
+                    parent.recv()
+                except (OSError, EOFError):
+                    pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def _ask(worker: Any, cmd: str, payload: Any = None) -> dict[str, Any]:
+    worker[0].send((cmd, payload))
+    return dict(worker[0].recv())
+
+
+def _measure(
+    bundles: list[str], manifests: list[dict[str, Any]], workers: list[Any], cfg: BenchConfig
+) -> dict[str, Any]:
+    hello = [dict(w[0].recv()) for w in workers]
+    for b, h in zip(bundles, hello, strict=True):
+        if not h["ok"]:
+            raise SplitedgeError(f"{b} failed to load in its worker: {h['error']}")
+    same_tok = len({m["files"][m["llm"]["tokenizer"]] for m in manifests}) == 1
+    # one shared validation text when the tokenizers agree, so perplexities are comparable
+    val = [hello[0]["val_tokens"] if same_tok else h["val_tokens"] for h in hello]
+    rounds: list[list[dict[str, Any]]] = []
+    memory_after_first: list[dict[str, Any]] = [{} for _ in bundles]
+    order = list(range(len(bundles)))
+    for r in range(cfg.rounds):
+        row: list[dict[str, Any]] = [{} for _ in bundles]
+        start = (r * cfg.prompt_tokens) % max(1, val[0].size - cfg.prompt_tokens)
+        for i in order if r % 2 == 0 else order[::-1]:
+            prompt = val[i][start : start + cfg.prompt_tokens].astype(np.int64).tolist()
+            row[i] = _ask(workers[i], "gen", (prompt, cfg.new_tokens, r))
+            if r == 0:
+                memory_after_first[i] = _ask(workers[i], "memory")
+        rounds.append(row)
+    scores = [_ask(w, "score", v[: cfg.ppl_tokens + 1]) for w, v in zip(workers, val, strict=True)]
+    final_memory = [_ask(w, "memory") for w in workers]
+    timed = rounds[1:]
+    results = []
+    for i, (b, m) in enumerate(zip(bundles, manifests, strict=True)):
+        llm = m["llm"]
+        gen = [rd[i]["gen_tps"] for rd in timed]
+        results.append(
+            {
+                "bundle": b,
+                "name": m["name"],
+                "meki": llm["config"]["meki"],
+                "d_mem": llm["config"]["d_mem"] if llm["config"]["meki"] != "off" else 0,
+                "table_dtype": llm["table"]["dtype"] if llm.get("table") else None,
+                "shape": {
+                    k: llm["config"][k]
+                    for k in ("d_model", "n_layer", "n_head", "ffn_hidden", "vocab_size")
+                },
+                "decoder_nodes": llm["decoder"].get("nodes"),
+                "val_ppl": scores[i]["val_ppl"],
+                "val_tokens": scores[i]["val_tokens"],
+                "prompt_tps": statistics.median(rd[i]["prompt_tps"] for rd in timed),
+                "gen_tps": statistics.median(gen),
+                "gen_tps_min_max": [min(gen), max(gen)],
+                "gen_ratio": statistics.median(rd[i]["gen_tps"] / rd[0]["gen_tps"] for rd in timed),
+                "prompt_ratio": statistics.median(
+                    rd[i]["prompt_tps"] / rd[0]["prompt_tps"] for rd in timed
+                ),
+                "rss_loaded": hello[i]["rss_loaded"],
+                "after_first_generation": memory_after_first[i],
+                "after_all": final_memory[i],
+                "fold_check": llm.get("fold_check"),
+                "training": llm.get("training"),
+            }
+        )
+    return {
+        "config": asdict(cfg),
+        "perplexity_comparable": same_tok,
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": _cpu_count(),
+            "onnxruntime": _ort_version(),
+        },
+        "bundles": results,
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def bundle_label(path: str) -> str:
+    """Short label for tables: the bundle directory's name."""
+    return Path(path).name

@@ -1,0 +1,166 @@
+"""Text table and markdown report of an `llm bench` result (plain data in, text out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitedge.output import table
+
+SPEED_BAR = 0.97  # MeKi generation tokens/s must be at least this fraction of dense's
+
+
+def _mb(n: int | None) -> float | str:
+    return "n/a" if n is None else round(n / 2**20, 2)
+
+
+def _kb(n: int | None) -> float | str:
+    return "n/a" if n is None else round(n / 1024, 1)
+
+
+def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One summary row per bundle."""
+    out = []
+    base = result["bundles"][0]
+    for b in result["bundles"]:
+        first = b["after_first_generation"]
+        share = (
+            (first["table_resident"] / first["table_bytes"]) if first.get("table_bytes") else None
+        )
+        out.append(
+            {
+                "bundle": b["name"],
+                "memory": "dense" if b["meki"] == "off" else f"{b['meki']} d_mem={b['d_mem']}",
+                "table": b["table_dtype"] or "-",
+                "val_ppl": round(b["val_ppl"], 2),
+                "ppl_vs_first": f"{100 * (b['val_ppl'] / base['val_ppl'] - 1):+.1f}%",
+                "prompt_tok/s": round(b["prompt_tps"], 1),
+                "gen_tok/s": round(b["gen_tps"], 1),
+                "gen_ratio": f"{b['gen_ratio']:.3f}x",
+                "rss_MB": _mb(b["after_all"]["rss"]),
+                "table_MB": _mb(first.get("table_bytes", 0)),
+                "table_read_KB": _kb(first.get("table_bytes_read", 0)),
+                "table_resident_KB": _kb(first.get("table_resident")),
+                "resident_share": "-" if share is None else f"{100 * share:.1f}%",
+            }
+        )
+    return out
+
+
+def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's two bars for every MeKi bundle whose shape equals the first (dense) bundle's."""
+    base = result["bundles"][0]
+    out = []
+    for b in result["bundles"][1:]:
+        if b["meki"] == "off" or b["shape"] != base["shape"]:
+            continue
+        out.append(
+            {
+                "bundle": b["name"],
+                "ppl_lower_than_dense": b["val_ppl"] < base["val_ppl"]
+                and result["perplexity_comparable"],
+                "gen_ratio": round(b["gen_ratio"], 3),
+                f"gen_ratio>={SPEED_BAR}": b["gen_ratio"] >= SPEED_BAR,
+                "extra_us_per_token": round(1e6 * (1 / b["gen_tps"] - 1 / base["gen_tps"]), 1),
+                "extra_graph_nodes": (b["decoder_nodes"] or 0) - (base["decoder_nodes"] or 0),
+            }
+        )
+    return out
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    """The human table `splitedge llm bench` prints."""
+    cfg = result["config"]
+    title = (
+        f"llm bench: {cfg['rounds'] - 1} timed rounds (+1 cold warm-up), {cfg['prompt_tokens']} prompt + "
+        f"{cfg['new_tokens']} new tokens, batch 1, {cfg['threads']} thread(s); ratios vs the first bundle"
+    )
+    text = table(rows(result), title=title)
+    checks = bars(result)
+    if checks:
+        text += "\n\n" + table(checks, title="bars (MeKi bundles of the dense bundle's shape)")
+    if not result["perplexity_comparable"]:
+        text += "\n\nnote: the bundles' tokenizers differ, so their perplexities are not comparable"
+    return text
+
+
+def _md_table(data: list[dict[str, Any]]) -> str:
+    if not data:
+        return "(none)\n"
+    cols = list(data[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in data]
+    return "\n".join(lines) + "\n"
+
+
+def _fold_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for b in result["bundles"]:
+        fc, tr = b.get("fold_check") or {}, b.get("training") or {}
+        out.append(
+            {
+                "bundle": b["name"],
+                "steps": tr.get("steps"),
+                "train_s": tr.get("train_seconds"),
+                "params_inference": (tr.get("params") or {}).get("inference"),
+                "params_folded_into_table": (tr.get("params") or {}).get("folded_away"),
+                "table": b["table_dtype"] or "-",
+                "max_logit_diff_fp32_fold": fc.get("max_abs_logit_diff_fp32_fold"),
+                "max_logit_diff_stored": _g(fc.get("max_abs_logit_diff_stored_table")),
+                "ppl_change_stored_vs_train_form": _pct(fc.get("val_ppl_change_pct")),
+            }
+        )
+    return out
+
+
+def _g(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2g}"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.3f}%"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """docs/results/meki.md: what ran, the side-by-side table, the bars, the fold checks."""
+    m, cfg = result["machine"], result["config"]
+    checks = bars(result)
+    lines = [
+        "# MeKi ROM-backed LLM: dense vs MeKi, side by side",
+        "",
+        "Generated by this command (rerun it to refresh this file):",
+        "",
+        f"    {result['command']}",
+        "",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPU(s) visible, Python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}. Each bundle runs in its own process (no torch imported: "
+        f"{not any(b['after_all']['torch_imported'] for b in result['bundles'])}), "
+        f"{cfg['threads']} onnxruntime thread(s), batch 1. Rounds are interleaved, the order reversed "
+        f"every other round; round 0 starts with the tables evicted from the page cache "
+        f"({'cold' if cfg['cold'] else 'warm'}) and is excluded from the tokens/s medians "
+        f"({cfg['rounds'] - 1} timed rounds of {cfg['prompt_tokens']} prompt + {cfg['new_tokens']} "
+        f"sampled tokens). Ratios are the median of per-round ratios to the first bundle.",
+        "",
+        "## Results",
+        "",
+        _md_table(rows(result)),
+        f"val_ppl: perplexity of the bundle as shipped (folded table, onnxruntime) on the first "
+        f"{result['bundles'][0]['val_tokens']} validation tokens (held-out documents, seeded split). "
+        "table_read_KB / table_resident_KB / resident_share: after the first "
+        f"{cfg['new_tokens']}-token generation from a cold start — bytes of table records the runtime "
+        "read, and the table mapping's Rss in /proc/self/smaps as a share of the file.",
+        "",
+        "## Bars",
+        "",
+        _md_table(checks),
+        "extra_us_per_token = 1/gen_tok/s(MeKi) - 1/gen_tok/s(dense). extra_graph_nodes = nodes added "
+        "to the exported decoder graph by the memory path (before onnxruntime's fusions).",
+        "",
+        "## Training and folding",
+        "",
+        _md_table(_fold_rows(result)),
+        "max_logit_diff_fp32_fold: folded fp32 table vs the training form (memories computed from "
+        "M_l, G_l and E) on one validation window. ppl_change: perplexity of the bundle with the "
+        "table as stored (onnxruntime) vs the training-form model in torch on the same tokens.",
+        "",
+    ]
+    return "\n".join(lines)

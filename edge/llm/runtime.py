@@ -1,0 +1,254 @@
+"""Decode an `llm` bundle on the device: onnxruntime with a KV cache, table rows from flash.
+
+Per step the runtime feeds the decoder graph the new token ids, their absolute positions,
+their MeKi rows (one `(1, T, d_mem)` input per layer, read from the memory-mapped table)
+and the cached keys/values, and keeps the graph's present keys/values as OrtValues bound
+straight back in (IOBinding), so the cache never round-trips through numpy. The context is
+a sliding window of the training block size: RoPE is relative, so dropping the oldest
+cached keys keeps every attention distance inside what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge.llm.sampling import Sampler
+from edge.llm.table import MemoryTable
+from splitedge.bundle import Bundle, load_bundle
+from splitedge.errors import SplitedgeError
+
+
+@dataclass
+class Generation:
+    """Token ids and timings of one generate call."""
+
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    prompt_seconds: float = 0.0
+    gen_seconds: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return len(self.prompt_ids) / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        """Tokens per second after the first (the first comes from the prefill's logits)."""
+        return (
+            (len(self.ids) - 1) / self.gen_seconds
+            if self.gen_seconds and len(self.ids) > 1
+            else 0.0
+        )
+
+
+def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session for batch-1 decoding: few threads, no spinning, full graph fusion."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class LlmRuntime:
+    """One loaded llm bundle: tokenizer, decoder session, memory table and the KV cache."""
+
+    def __init__(self, bundle: Bundle | str | Path, threads: int = 1, iobinding: bool = True):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if self.bundle.kind != "llm":
+            raise SplitedgeError(
+                f"bundle {self.bundle.root} is a {self.bundle.kind!r} bundle, not an llm bundle"
+            )
+        spec = self.bundle.manifest["llm"]
+        self.config: dict[str, Any] = dict(spec["config"])
+        self.n_layer, self.n_head = int(self.config["n_layer"]), int(self.config["n_head"])
+        self.head_dim = int(self.config["d_model"]) // self.n_head
+        self.context = int(self.config["block_size"])
+        self.eot_id = int(spec["eot_id"])
+        self.session = cpu_session(self.bundle.file(spec["decoder"]["onnx"]), threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.table = (
+            MemoryTable(self.bundle.file(spec["table"]["file"]), spec["table"])
+            if spec.get("table")
+            else None
+        )
+        self._tokenizer: Any = None
+        self.iobinding = iobinding
+        self.reset()
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:  # loaded on first use: scoring and benches need none
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(
+                str(self.bundle.file(self.bundle.manifest["llm"]["tokenizer"]))
+            )
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids)))
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        empty = np.zeros((1, self.n_head, 0, self.head_dim), dtype=np.float32)
+        self._past: list[Any] = [
+            ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.n_layer)
+        ]
+        self._past_len = 0
+        self._next_pos = 0
+
+    def forward(self, ids: Sequence[int], rows: np.ndarray | None = None) -> np.ndarray:
+        """Run new tokens through the decoder, extend the cache; logits (T, V).
+
+        rows: their table rows (L, T, d_mem) if already fetched, else read here.
+        """
+        T = len(ids)
+        if T == 0 or T > self.context:
+            raise ValueError(f"feed 1..{self.context} tokens at a time, got {T}")
+        if self._past_len + T > self.context:
+            self._slide(self.context - T)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": np.asarray(ids, dtype=np.int64).reshape(1, T),
+            "position_ids": np.arange(self._next_pos, self._next_pos + T, dtype=np.int64)[None],
+        }
+        if self.table is not None:
+            rows = self.table.rows(np.asarray(ids)) if rows is None else rows
+            for i in range(self.n_layer):
+                feeds[f"memory_rows_{i}"] = rows[i][None]  # (1, T, d_mem), contiguous
+        if self.iobinding:
+            logits, self._past = self._run_bound(feeds)
+        else:
+            for i in range(self.n_layer):
+                feeds[f"past_key_{i}"] = self._past[2 * i].numpy()
+                feeds[f"past_value_{i}"] = self._past[2 * i + 1].numpy()
+            outs = self.session.run(None, feeds)
+            logits = outs[0]
+            self._past = [ort.OrtValue.ortvalue_from_numpy(o) for o in outs[1:]]
+        self._past_len += T
+        self._next_pos += T
+        return np.asarray(logits)[0]
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[Any]]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for i in range(self.n_layer):
+            binding.bind_ortvalue_input(f"past_key_{i}", self._past[2 * i])
+            binding.bind_ortvalue_input(f"past_value_{i}", self._past[2 * i + 1])
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), list(outs[1:])
+
+    def _slide(self, keep: int) -> None:
+        """Drop the oldest cached positions, keeping `keep` (at most half the window, so this is rare)."""
+        keep = min(keep, self.context // 2)
+        self._past = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, -keep:]))
+            if keep
+            else ort.OrtValue.ortvalue_from_numpy(v.numpy()[:, :, :0].copy())
+            for v in self._past
+        ]
+        self._past_len = keep
+
+    def iter_generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampler: Sampler | None = None,
+        seed: int = 0,
+        stop_at_eot: bool = True,
+        record: Generation | None = None,
+    ) -> Iterator[int]:
+        """Prefill the prompt, then yield up to max_new_tokens sampled ids; timings go to `record`."""
+        sampler = sampler or Sampler()
+        rng = np.random.default_rng(seed)
+        gen = record if record is not None else Generation(prompt_ids=[])
+        gen.prompt_ids = list(prompt_ids)[-(self.context - 1) :] or [self.eot_id]
+        self.reset()
+        t0 = time.perf_counter()
+        rows = self.table.rows(np.asarray(gen.prompt_ids)) if self.table is not None else None
+        logits = self.forward(gen.prompt_ids, rows)[-1]  # prompt rows were fetched before prefill
+        gen.prompt_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(max_new_tokens):
+            token = sampler(logits, rng)
+            if self.table is not None:
+                self.table.prefetch(token)  # start the flash read while the caller emits text
+            gen.ids.append(token)
+            gen.gen_seconds = time.perf_counter() - t0
+            yield token
+            if (stop_at_eot and token == self.eot_id) or i == max_new_tokens - 1:
+                break
+            logits = self.forward([token])[-1]
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampler: Sampler | None = None,
+        seed: int = 0,
+        stop_at_eot: bool = True,
+    ) -> Generation:
+        """Generate without streaming; returns the ids and timings."""
+        gen = Generation(prompt_ids=[])
+        for _ in self.iter_generate(prompt_ids, max_new_tokens, sampler, seed, stop_at_eot, gen):
+            pass
+        return gen
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        sampler: Sampler | None = None,
+        seed: int = 0,
+        record: Generation | None = None,
+    ) -> Iterator[str]:
+        """Generate text from a prompt, yielding decoded pieces as soon as they are whole characters."""
+        from tokenizers.decoders import DecodeStream
+
+        decoder = DecodeStream(skip_special_tokens=True)
+        for token in self.iter_generate(
+            self.encode(prompt), max_new_tokens, sampler, seed, True, record
+        ):
+            piece = decoder.step(self.tokenizer, token)
+            if piece:
+                yield piece
+
+    def score(self, tokens: np.ndarray, limit: int | None = None) -> dict[str, float]:
+        """Mean next-token NLL and perplexity over consecutive context-size windows (as training scores)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = tokens.size - 1 if limit is None else min(limit, tokens.size - 1)
+        total, count = 0.0, 0
+        for s in range(0, n - self.context + 1, self.context):
+            x, y = tokens[s : s + self.context], tokens[s + 1 : s + 1 + self.context]
+            self.reset()
+            logits = self.forward(x.tolist()).astype(np.float64)  # (T, V)
+            m = logits.max(axis=1, keepdims=True)
+            logz = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+            total += float((logz - logits[np.arange(y.size), y]).sum())
+            count += y.size
+        if count == 0:
+            raise SplitedgeError(f"need more than {self.context} tokens to score perplexity")
+        return {
+            "val_loss": total / count,
+            "val_ppl": float(np.exp(total / count)),
+            "val_tokens": count,
+        }
+
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()

@@ -1,0 +1,151 @@
+"""Fold a trained MeKi LM into a token-major table and export its decoder step to ONNX.
+
+The table file holds one record per token, `[L, d_mem]` rows for every layer back to back,
+so fetching a token's memory is one contiguous read:
+
+- float32 / float16: record = the rows in that dtype;
+- int8: record = int8 rows, then one float32 scale per row (symmetric, max-abs / 127).
+
+The ONNX graph takes the token's rows as the input `memory_rows`; the table is never
+inside the graph, so the device's RAM holds only the dense-sized weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.meki.model import MeKiGPT
+
+OPSET = 17
+TABLE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+
+
+def table_record_dtype(dtype: str, n_layer: int, d_mem: int) -> np.dtype:
+    """numpy dtype of one token's record in the table file (little-endian, packed)."""
+    if dtype == "int8":
+        return np.dtype([("q", "i1", (n_layer, d_mem)), ("scale", "<f4", (n_layer,))])
+    return np.dtype((np.dtype(dtype).newbyteorder("<"), (n_layer, d_mem)))
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row of the last axis: (q int8, scale float32) with table ~= q * scale."""
+    scale = np.abs(table).max(axis=-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(table / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def write_table(table: np.ndarray, path: Path, dtype: str) -> dict[str, Any]:
+    """Write a (V, L, d_mem) float table as `dtype` records; return its manifest entry."""
+    if dtype not in TABLE_DTYPES.values():
+        raise ValueError(
+            f"table dtype must be one of {sorted(TABLE_DTYPES.values())}, got {dtype!r}"
+        )
+    V, L, D = table.shape
+    rec = table_record_dtype(dtype, L, D)
+    out = np.empty(V, dtype=rec)
+    if dtype == "int8":
+        out["q"], out["scale"] = quantize_rows(table)
+    else:
+        out[...] = table.astype(rec.base)
+    out.tofile(path)
+    entry: dict[str, Any] = {
+        "file": path.name,
+        "dtype": dtype,
+        "layout": "token-major",
+        "shape": [V, L, D],
+        "record_bytes": rec.itemsize,
+    }
+    if dtype == "int8":
+        entry["scale"] = {"dtype": "float32", "per": "row", "offset_in_record": L * D}
+    return entry
+
+
+class DecoderStep(nn.Module):
+    """(ids, positions, [memory_rows], past k/v per layer) -> (logits, present k/v per layer)."""
+
+    def __init__(self, model: MeKiGPT):
+        super().__init__()
+        self.model = model
+        self.has_memory = model.cfg.has_memory
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor
+    ) -> tuple:
+        L = self.model.cfg.n_layer
+        memory = None
+        if self.has_memory:  # one (B, T, d_mem) input per layer: no slicing ops in the graph
+            memory, rest = list(rest[:L]), rest[L:]
+        past = [(rest[2 * i], rest[2 * i + 1]) for i in range(self.model.cfg.n_layer)]
+        logits, _, presents = self.model(
+            input_ids, memory=memory, past=past, position_ids=position_ids
+        )
+        return (logits, *(t for kv in presents for t in kv))
+
+
+def io_names(n_layer: int, has_memory: bool) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder graph."""
+    inputs = ["input_ids", "position_ids"]
+    inputs += [f"memory_rows_{i}" for i in range(n_layer)] if has_memory else []
+    inputs += [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+    outputs = ["logits"] + [
+        f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")
+    ]
+    return inputs, outputs
+
+
+def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:
+    """Export the KV-cached decoder step (any number of new tokens) to ONNX; return its spec."""
+    cfg = model.cfg
+    model.eval()
+    inputs, outputs = io_names(cfg.n_layer, cfg.has_memory)
+    T, P = 3, 2  # example sizes; both are dynamic axes
+    example: list[torch.Tensor] = [
+        torch.zeros(1, T, dtype=torch.long),
+        torch.arange(P, P + T)[None],
+    ]
+    if cfg.has_memory:
+        example += [torch.zeros(1, T, cfg.d_mem) for _ in range(cfg.n_layer)]
+    example += [torch.zeros(1, cfg.n_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "position_ids": {0: "batch", 1: "seq"},
+        "logits": {0: "batch", 1: "seq"},
+    }
+    for name in inputs + outputs:
+        if name.startswith("memory_rows_"):
+            axes[name] = {0: "batch", 1: "seq"}
+        elif name.startswith("past_"):
+            axes[name] = {0: "batch", 2: "past"}
+        elif name.startswith("present_"):
+            axes[name] = {0: "batch", 2: "total"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            DecoderStep(model),
+            tuple(example),
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    import onnx
+
+    nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+    return {
+        "onnx": path.name,
+        "opset": OPSET,
+        "nodes": nodes,
+        "inputs": inputs,
+        "outputs": outputs,
+        "kv_shape": ["batch", cfg.n_head, "past", cfg.head_dim],
+        "memory_rows_shape": ["batch", "seq", cfg.d_mem] if cfg.has_memory else None,
+    }
