@@ -138,6 +138,21 @@ def test_batches_grow_and_split_without_changing_results(target: str) -> None:
     tight.close()
 
 
+def test_es31_without_float_render_targets_uses_the_es2_scheme() -> None:
+    """A Pi 4 driver without EXT_color_buffer_float: GLSL ES 3.10 shaders, 8-bit storage."""
+    need_gl("es31")
+    rng = np.random.default_rng(18)
+    ir, w = random_case(rng, stages=2)
+    obs = frames(rng, ir, 3)
+    aq = calibrate(ir, w, obs)
+    enc = GLEncoder(ir, w, "es31", limits=Limits(float_storage=False), act_quant=aq)
+    assert {enc.plan.buffers[i].storage for i in enc.plan.stage_buffers} == {"u8"}
+    got = enc.encode(obs)
+    enc.close()
+    want = ref.quantise_output(ir, torch_features(ir, w, obs, aq))
+    assert np.mean(got == want) >= 0.98
+
+
 def test_weights_are_uniforms_not_shader_text() -> None:
     need_gl("gl33")
     rng = np.random.default_rng(15)

@@ -33,8 +33,10 @@ def _register_encoder(bsub: argparse._SubParsersAction) -> None:
     e.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     e.add_argument(
         "--backends",
+        "--backend",
+        dest="backends",
         default=ENCODER_BACKENDS,
-        help="comma-separated from ort, gl33, es31, es2, torch (default: %(default)s)",
+        help="comma-separated from auto, ort, gl33, es31, es2, torch (default: %(default)s)",
     )
     e.add_argument(
         "--batch", default="1,8", help="comma-separated batch sizes (default: %(default)s)"
