@@ -59,13 +59,14 @@ class GLEncoder:
         gl.glBufferData(gl.GL_ARRAY_BUFFER, _TRIANGLE.nbytes, _TRIANGLE, gl.GL_STATIC_DRAW)
         self._point_attribute()  # recorded in the VAO on gl33; redone per run on ES
         self._textures = [self._texture() for _ in self.plan.buffers]
+        self._programs: list[Any] = []
         self._capacity = 0
-        self._reserve(1)
+        self._reserve(1)  # storage first: framebuffers are checked for completeness
         self._fbos = [None] + [
             self._framebuffer(t, i) for i, t in enumerate(self._textures) if i > 0
         ]
         self._programs = [self._program(p) for p in self.plan.passes]
-        self._reserve(1, force=True)  # texel-size uniforms now that programs exist
+        self._set_texel_sizes()
         out = self.plan.buffers[self.plan.output]
         storage = "float32 activations" if out.storage == "float" else "8-bit activations"
         self.detail = f"{self.ctx.version} ({self.ctx.renderer}), {self.renderer.glsl}, {storage}"
@@ -162,18 +163,34 @@ class GLEncoder:
             gl.glUniform4f(loc("u_bias"), *(float(v) for v in p.bias))
         return prog
 
-    def _reserve(self, batch: int, force: bool = False) -> None:
+    def _reserve(self, batch: int) -> None:
         """Size every atlas for `batch` items (textures only grow)."""
-        if batch <= self._capacity and not force:
+        if batch <= self._capacity:
             return
-        gl, cap = self.gl, max(batch, self._capacity)
+        gl = self.gl
         for tex, buf in zip(self._textures, self.plan.buffers, strict=True):
             internal, fmt, typ = self._formats(buf)
             gl.glBindTexture(gl.GL_TEXTURE_2D, tex)
             gl.glTexImage2D(
-                gl.GL_TEXTURE_2D, 0, internal, buf.atlas_width, buf.height * cap, 0, fmt, typ, None
+                gl.GL_TEXTURE_2D,
+                0,
+                internal,
+                buf.atlas_width,
+                buf.height * batch,
+                0,
+                fmt,
+                typ,
+                None,
             )
-        for prog, p in zip(getattr(self, "_programs", []), self.plan.passes, strict=False):
+        frame = self.plan.buffers[0]
+        self._staging = np.zeros((batch, frame.groups * 4, frame.height, frame.width), np.uint8)
+        self._capacity = batch
+        self._set_texel_sizes()
+
+    def _set_texel_sizes(self) -> None:
+        """1 / texture size per sampler: GLSL ES 1.00 addresses texel centres in normalised units."""
+        gl = self.gl
+        for prog, p in zip(self._programs, self.plan.passes, strict=False):
             gl.glUseProgram(prog)
             for name, index in (("u_src_texel", p.src), ("u_partial_texel", p.partial)):
                 if index is not None:
@@ -181,11 +198,8 @@ class GLEncoder:
                     gl.glUniform2f(
                         gl.glGetUniformLocation(prog, name),
                         1.0 / buf.atlas_width,
-                        1.0 / (buf.height * cap),
+                        1.0 / (buf.height * self._capacity),
                     )
-        frame = self.plan.buffers[0]
-        self._staging = np.zeros((cap, frame.groups * 4, frame.height, frame.width), np.uint8)
-        self._capacity = cap
 
     # -- running -------------------------------------------------------------------------
     def encode(self, observations: np.ndarray) -> np.ndarray:
