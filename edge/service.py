@@ -286,11 +286,13 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
             )
             return out
         try:
+            _reachable(client.config.server)
             client.connect()
         except (
             ConnectionError,
+            OSError,
             SplitedgeError,
-        ) as e:  # unreachable server, or it refused the bundle
+        ) as e:  # unreachable, or it refused the bundle
             out["round_trip"] = {"ok": False, "server": client.config.server}
             out["error"] = f"policy server {client.config.server}: {e}"
             return out
@@ -311,6 +313,13 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
         return out
     finally:
         client.close()
+
+
+def _reachable(server: str, timeout_s: float = 3.0) -> None:
+    """Fail fast with the socket's own reason (refused, no route) before gRPC's longer wait."""
+    host, _, port = server.rpartition(":")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+        pass
 
 
 def _plain(action: Any) -> Any:

@@ -13,7 +13,7 @@ see this machine's).
 from __future__ import annotations
 
 import os
-import random
+import secrets
 import shutil
 import signal
 import socket
@@ -81,7 +81,7 @@ class EmulatedDevice:
         name: str | None = None,
     ):
         self.profile = requirements(profile)
-        self.ident = f"{random.getrandbits(24):06x}"
+        self.ident = secrets.token_hex(3)  # not `random`: test frameworks reseed it, names would collide
         self.name = name or f"{profile}-emu"
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="splitedge-emu-")).resolve()
@@ -157,7 +157,12 @@ class EmulatedDevice:
 
     def _try_netns(self) -> None:
         ns, host_if, dev_if = f"se-{self.ident}", f"seh{self.ident}", f"sed{self.ident}"
-        net = f"10.213.{random.randrange(1, 255)}"
+        used = _run(["ip", "-4", "addr"]).stdout if shutil.which("ip") else ""
+        free = [n for n in range(1, 255) if f"10.213.{n}." not in used]
+        if not free:
+            self.caps.notes.append("no network namespace (10.213.0.0/16 is full)")
+            return
+        net = f"10.213.{secrets.choice(free)}"
         steps = [
             ["ip", "netns", "add", ns],
             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", dev_if],

@@ -235,8 +235,13 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         f"current -> {release} (was {switched['previous'] or 'empty'}); {switched['service']}",
     )
     gate = health_gate(t, root, python, server)
+    if not gate["ok"] and switched["previous"] == release:
+        raise SplitedgeError(
+            f"health gate failed on {t.target}: {gate.get('error')}. {release} was already "
+            "current before this flash, so there is nothing to roll back to; it stays current"
+        )
     if not gate["ok"]:
-        back = t.op("rollback", root, allow_empty=True)
+        back = t.op("rollback", root, allow_empty=True, restore_previous=facts["previous"] or "-")
         restored = back["current"]
         after = health_of_current(t, root) if restored else {"ok": None}
         steps.done(
@@ -267,6 +272,7 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         "steps": steps.rows,
         "health": gate,
         "runtime": runtime.key,
+        "wheel": runtime.wheel_digest,
         "ok": True,
     }
 
@@ -295,7 +301,7 @@ def _device_health(t: Transport, root: str, python: str, server: str | None) -> 
 
 
 def health_gate(
-    t: Transport, root: str, python: str, server: str | None, settle_s: float = 1.0
+    t: Transport, root: str, python: str, server: str | None, settle_s: float = 0.5
 ) -> dict[str, Any]:
     """Probe + round trip on the device, then make sure the restarted service is still up."""
     gate = _device_health(t, root, python, server)

@@ -231,17 +231,28 @@ def stage(root: Path, release: str) -> dict[str, Any]:
     problems = check_bundle_files(incoming / "bundle")
     if problems:
         raise Refused("bundle on the device failed its hash check: " + "; ".join(problems))
-    new_manifest = _sha256(incoming / "bundle" / "manifest.json")
     if target.exists():
-        if _sha256(target / "bundle" / "manifest.json") != new_manifest:
+        if _same_files(incoming, target):
+            shutil.rmtree(incoming)
+            return {"ok": True, "release": str(target), "already_staged": True}
+        if release in (_link_name(root / "current"), _link_name(root / "previous")):
             raise Refused(
-                f"release {release} already exists on the device with different contents; "
-                "bump the bundle version"
+                f"release {release} is in use on the device with different contents (files, signature "
+                "or service config); bump the bundle version"
             )
-        shutil.rmtree(incoming)
-        return {"ok": True, "release": str(target), "already_staged": True}
+        shutil.rmtree(target)  # an unused leftover (e.g. a refused earlier try): replace it whole
     os.rename(incoming, target)
     return {"ok": True, "release": str(target), "already_staged": False}
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether two release folders carry the same bundle, signature, probe and service config."""
+    # probe.npz follows from the bundle (and its zip timestamps differ run to run)
+    for rel in ("bundle/manifest.json", "bundle/manifest.sig", "service.json", "splitedge.service"):
+        pa, pb = a / rel, b / rel
+        if pa.is_file() != pb.is_file() or (pa.is_file() and _sha256(pa) != _sha256(pb)):
+            return False
+    return True
 
 
 def discard(root: Path, release: str) -> dict[str, Any]:
@@ -350,12 +361,20 @@ def switch(root: Path, release: str, reason: str = "flash") -> dict[str, Any]:
     return {"ok": True, "previous": old, "current": release, "service": restart_service(root)}
 
 
-def rollback(root: Path, allow_empty: bool = False) -> dict[str, Any]:
-    """Swap current and previous; with no previous (a failed first flash), remove current if allowed."""
+def rollback(root: Path, allow_empty: bool = False, restore_previous: str = "") -> dict[str, Any]:
+    """Swap current and previous; with no previous (a failed first flash), remove current if allowed.
+
+    restore_previous (a failed flash undoing itself): afterwards point previous back at that
+    release ("-": none), so a later rollback never lands on the release that just failed.
+    """
     prev, cur = _link_name(root / "previous"), _link_name(root / "current")
     if prev and (root / "releases" / prev).is_dir():
         result = switch(root, prev, reason="rollback")
-        return {**result, "rolled_back_from": cur}
+        if restore_previous == "-" and (root / "previous").is_symlink():
+            (root / "previous").unlink()
+        elif restore_previous and (root / "releases" / restore_previous).is_dir():
+            _replace_symlink(root / "previous", f"releases/{restore_previous}")
+        return {**result, "previous": _link_name(root / "previous"), "rolled_back_from": cur}
     if not allow_empty:
         raise Refused("no previous release on the device to roll back to")
     stop_service(root)
@@ -505,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default="python3")
     p.add_argument("--offline", action="store_true")
     p.add_argument("--allow-empty", action="store_true")
+    p.add_argument("--restore-previous", default="")
     p.add_argument("--requirement", action="append", default=[])
     p.add_argument("--pip-arg", action="append", default=[])
     a = p.parse_args(argv)
@@ -520,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 root, a.release, a.key, a.python, a.requirement, a.offline, a.pip_arg
             ),
             "switch": lambda: switch(root, a.release),
-            "rollback": lambda: rollback(root, a.allow_empty),
+            "rollback": lambda: rollback(root, a.allow_empty, a.restore_previous),
             "restart": lambda: {"ok": True, "service": restart_service(root)},
             "stop": lambda: {"ok": True, "service": stop_service(root)},
             "status": lambda: status(root),

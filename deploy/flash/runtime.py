@@ -105,6 +105,7 @@ class RuntimePlan:
     requirements: list[str]  # device-side paths/specs, relative to <root>/wheelhouse for the wheel
     offline: bool
     wheels: list[str]
+    wheel_digest: str = ""  # sha256 prefix of the device packages' sources the wheel was built from
 
 
 def plan_runtime(
@@ -117,9 +118,18 @@ def plan_runtime(
     house = cache_dir() / "wheelhouse" / (tag if offline else "online")
     house.mkdir(parents=True, exist_ok=True)
     for old in house.glob("splitedge-*.whl"):
-        old.unlink()
-    shutil.copy2(wheel, house / wheel.name)
-    if offline:
+        if old.name != wheel.name:
+            old.unlink()
+    tmp = house / f".{wheel.name}.{os.getpid()}"
+    shutil.copy2(wheel, tmp)
+    os.replace(
+        tmp, house / wheel.name
+    )  # atomic: a flash running beside this one never reads half a wheel
+    digest = hashlib.sha256(
+        json.dumps([wheel.name, wheel.parent.name, facts["glibc"], pip_args]).encode()
+    )
+    marker = house / f".downloaded-{digest.hexdigest()[:16]}"
+    if offline and not marker.is_file():
         args = [
             "download",
             "--quiet",
@@ -140,6 +150,7 @@ def plan_runtime(
             f"download wheels for {facts['machine']} / Python {py} (is every edge dependency published "
             "for it? add --pip-arg=--extra-index-url=... e.g. piwheels for armv7l)",
         )
+        marker.touch()  # same wheel, platform and pip arguments: the next flash skips the download
     wheels = sorted(p.name for p in house.glob("*.whl"))
     requirements = [f"{wheel.name}[edge]", *EXTRA_REQUIREMENTS]
     ident = {
@@ -147,11 +158,15 @@ def plan_runtime(
         "machine": facts["machine"],
         "wheel": wheel.parent.name,
         "offline": offline,
-        "wheels": wheels if offline else [],
         "requirements": requirements,
         "pip": pip_args or [],
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return RuntimePlan(
-        key=key, wheelhouse=house, requirements=requirements, offline=offline, wheels=wheels
+        key=key,
+        wheelhouse=house,
+        requirements=requirements,
+        offline=offline,
+        wheels=wheels,
+        wheel_digest=wheel.parent.name,
     )
