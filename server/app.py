@@ -43,6 +43,12 @@ def create_server(
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            # No bandwidth-delay PINGs: decisions are ~100-byte messages, and on a 20 kbit/s
+            # uplink each probe costs as much airtime as a fifth of a decision.
+            ("grpc.http2.bdp_probe", 0),
+            # Edge clients ping every 30 s to notice dead links; allow it without a GOAWAY.
+            ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
     pb_grpc.add_PolicyServicer_to_server(servicer, server)
