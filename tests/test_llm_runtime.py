@@ -91,7 +91,10 @@ def test_table_rows_and_read_accounting(tmp_path, dtype):
     ids = np.array([3, 39, 3, 0])
     np.testing.assert_array_equal(mt.rows(ids), want[ids].transpose(1, 0, 2))
     np.testing.assert_array_equal(mt.rows([7]), want[[7]].transpose(1, 0, 2))
-    assert mt.bytes_read == 5 * spec["record_bytes"] and mt.rows_read == 15
+    buf = np.empty((3, 1, 1, 8), dtype=np.float32)
+    mt.rows_into(11, buf)
+    np.testing.assert_array_equal(buf[:, 0, 0], want[11])
+    assert mt.bytes_read == 6 * spec["record_bytes"] and mt.rows_read == 18
     with pytest.raises(ValueError):
         mt.rows([40])
     mt.close()
@@ -113,6 +116,18 @@ def test_runtime_logits_and_perplexity_match_torch(bundles):
         )
     assert rt.score(val[:97])["val_ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
     rt.close()
+
+
+def test_persistent_step_binding_matches_plain_run(bundles):
+    from edge.llm.runtime import LlmRuntime
+
+    bound, plain = LlmRuntime(bundles["both"]), LlmRuntime(bundles["both"], iobinding=False)
+    for rt in (bound, plain):
+        rt.forward([5, 6, 7])
+    for t in (8, 9, 10, 11):
+        np.testing.assert_allclose(bound.forward([t]), plain.forward([t]), atol=1e-6)
+    bound.close()
+    plain.close()
 
 
 def test_sliding_window_keeps_relative_positions(bundles):

@@ -120,6 +120,27 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.3f}%"
 
 
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """One plain sentence per bar and MeKi bundle, with the numbers behind it."""
+    base, out = result["bundles"][0], []
+    by_name = {b["name"]: b for b in result["bundles"]}
+    for c in bars(result):
+        b = by_name[c["bundle"]]
+        first = b["after_first_generation"]
+        ppl_ok = "lower: met" if c["ppl_lower_than_dense"] else "not lower: NOT met"
+        speed_ok = "met" if c[f"gen_ratio>={SPEED_BAR}"] else "NOT met"
+        out.append(
+            f"- **{b['name']}** vs **{base['name']}**: validation perplexity {b['val_ppl']:.2f} vs "
+            f"{base['val_ppl']:.2f} ({100 * (b['val_ppl'] / base['val_ppl'] - 1):+.1f}%, {ppl_ok}); "
+            f"generation {b['gen_tps']:.0f} vs {base['gen_tps']:.0f} tokens/s, median ratio "
+            f"{b['gen_ratio']:.3f} (bar >= {SPEED_BAR}: {speed_ok}; {c['extra_us_per_token']:+.1f} us "
+            f"per token); after {result['config']['new_tokens']} tokens from cold, "
+            f"{_kb(first.get('table_resident'))} KB of its {_mb(first.get('table_bytes'))} MB table "
+            f"was resident."
+        )
+    return out
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """docs/results/meki.md: what ran, the side-by-side table, the bars, the fold checks."""
     m, cfg = result["machine"], result["config"]
@@ -150,6 +171,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "read, and the table mapping's Rss in /proc/self/smaps as a share of the file.",
         "",
         "## Bars",
+        "",
+        *verdicts(result),
         "",
         _md_table(checks),
         "extra_us_per_token = 1/gen_tok/s(MeKi) - 1/gen_tok/s(dense). extra_graph_nodes = nodes added "

@@ -82,6 +82,7 @@ class LlmRuntime:
         )
         self._tokenizer: Any = None
         self.iobinding = iobinding
+        self._init_step_binding()
         self.reset()
 
     @property
@@ -115,6 +116,8 @@ class LlmRuntime:
         rows: their table rows (L, T, d_mem) if already fetched, else read here.
         """
         T = len(ids)
+        if T == 1 and rows is None and self.iobinding:
+            return self._step(int(ids[0]))
         if T == 0 or T > self.context:
             raise ValueError(f"feed 1..{self.context} tokens at a time, got {T}")
         if self._past_len + T > self.context:
@@ -139,6 +142,45 @@ class LlmRuntime:
         self._past_len += T
         self._next_pos += T
         return np.asarray(logits)[0]
+
+    def _init_step_binding(self) -> None:
+        """A persistent IOBinding for one-token steps: id, position and MeKi rows are fixed
+        buffers bound once, so a step only rewrites them and rebinds the KV cache."""
+        self._step_ids = np.zeros((1, 1), dtype=np.int64)
+        self._step_pos = np.zeros((1, 1), dtype=np.int64)
+        d_mem = self.table.d_mem if self.table is not None else 0
+        self._step_rows = np.zeros((self.n_layer, 1, 1, d_mem), dtype=np.float32)
+        self._step_binding = self.session.io_binding()
+        fixed = {"input_ids": self._step_ids, "position_ids": self._step_pos}
+        if self.table is not None:
+            fixed.update({f"memory_rows_{i}": self._step_rows[i] for i in range(self.n_layer)})
+        # the OrtValues share the numpy buffers; keep both alive for the session's life
+        self._step_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in fixed.items()}
+        for name, value in self._step_values.items():
+            self._step_binding.bind_ortvalue_input(name, value)
+        self._past_names = [
+            f"past_{kind}_{i}" for i in range(self.n_layer) for kind in ("key", "value")
+        ]
+
+    def _step(self, token: int) -> np.ndarray:
+        """One new token through the persistent binding; logits (1, V)."""
+        if self._past_len + 1 > self.context:
+            self._slide(self.context - 1)
+        self._step_ids[0, 0] = token
+        self._step_pos[0, 0] = self._next_pos
+        if self.table is not None:
+            self.table.rows_into(token, self._step_rows)
+        binding = self._step_binding
+        for name, value in zip(self._past_names, self._past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        self._past = list(outs[1:])
+        self._past_len += 1
+        self._next_pos += 1
+        return np.asarray(outs[0].numpy())[0]
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[Any]]:
         binding = self.session.io_binding()

@@ -84,6 +84,20 @@ class MemoryTable:
             values = recs.astype(np.float32, copy=False)
         return np.ascontiguousarray(values.transpose(1, 0, 2))
 
+    def rows_into(self, token: int, out: np.ndarray) -> None:
+        """Write one token's rows as float32 into `out` (any contiguous shape of L * d_mem values)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token id {token} out of range [0, {self.vocab_size})")
+        rec = self._records[token]  # one contiguous read
+        assert out.flags.c_contiguous, "rows_into needs a contiguous buffer"
+        dest = out.reshape(self.n_layer, self.d_mem)  # a view of out
+        if self.dtype == "int8":
+            np.multiply(rec["q"], rec["scale"][:, None], out=dest)
+        else:
+            dest[...] = rec
+        self.bytes_read += self.record.itemsize
+        self.rows_read += self.n_layer
+
     def drop_cache(self) -> bool:
         """Evict the file's clean pages from the page cache (a cold-flash start); False if unsupported."""
         if not hasattr(os, "posix_fadvise"):
