@@ -81,7 +81,9 @@ class EmulatedDevice:
         name: str | None = None,
     ):
         self.profile = requirements(profile)
-        self.ident = secrets.token_hex(3)  # not `random`: test frameworks reseed it, names would collide
+        self.ident = secrets.token_hex(
+            3
+        )  # not `random`: test frameworks reseed it, names would collide
         self.name = name or f"{profile}-emu"
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="splitedge-emu-")).resolve()
@@ -289,9 +291,10 @@ class EmulatedDevice:
             return []
 
     def stop(self) -> None:
-        """Stop the device's service, sshd and whatever they started; remove namespace and cgroup."""
-        if self.root.is_dir() and (self.root / "run" / "supervisor.pid").exists():
-            from deploy.flash import remote
+        """Power the device off: its service, sshd and whatever they started; remove namespace and cgroup."""
+        t0 = time.monotonic()
+        if self._cgroup is None and (self.root / "run" / "supervisor.pid").exists():
+            from deploy.flash import remote  # no cgroup to find them by: ask the supervisor to stop
 
             remote.stop_service(self.root)
         if self.proc is not None and self.proc.poll() is None:
@@ -302,20 +305,24 @@ class EmulatedDevice:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        for pid in self.processes():  # only processes started inside this device's cgroup
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self._cgroup is not None:
-            for _ in range(50):
+        # only processes inside this device's cgroup: TERM, a moment to exit cleanly, then KILL
+        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            for pid in self.processes():
                 try:
-                    self._cgroup.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            end = time.monotonic() + grace
+            while self.processes() and time.monotonic() < end:
+                time.sleep(0.05)
+        if self._cgroup is not None:
+            try:
+                self._cgroup.rmdir()
+            except OSError as e:
+                self.caps.notes.append(f"cgroup {self._cgroup} left behind: {e.strerror}")
             self._cgroup = None
         self._drop_netns()
+        self.stop_seconds = time.monotonic() - t0
 
     def _drop_netns(self) -> None:
         if self._netns:
