@@ -25,7 +25,9 @@ def _crypto() -> Any:
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SplitedgeError(f"bundle signatures need the `cryptography` package; {_INSTALL_HINT}") from e
+        raise SplitedgeError(
+            f"bundle signatures need the `cryptography` package; {_INSTALL_HINT}"
+        ) from e
     return ed25519
 
 
@@ -62,7 +64,9 @@ def load_private_key(path: str | Path) -> Any:
     except (ValueError, TypeError) as e:
         raise SplitedgeError(f"{path} is not an unencrypted ed25519 private key ({e})") from e
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise SplitedgeError(f"{path} is a {type(key).__name__}, not an ed25519 key; make one with `splitedge bundle sign --generate`")
+        raise SplitedgeError(
+            f"{path} is a {type(key).__name__}, not an ed25519 key; make one with `splitedge bundle sign --generate`"
+        )
     return key
 
 
@@ -113,8 +117,10 @@ def verify_signature(root: str | Path, public_key: str | Path) -> None:
     key = load_public_key(public_key)
     sig_path = root / SIGNATURE
     if not sig_path.is_file():
-        raise SplitedgeError(f"bundle {root} is not signed (no {SIGNATURE}) but a public key is configured; "
-                             "sign it with `splitedge bundle sign`")
+        raise SplitedgeError(
+            f"bundle {root} is not signed (no {SIGNATURE}) but a public key is configured; "
+            "sign it with `splitedge bundle sign`"
+        )
     try:
         signature = base64.b64decode(sig_path.read_text().strip(), validate=True)
     except (binascii.Error, ValueError) as e:
@@ -122,8 +128,10 @@ def verify_signature(root: str | Path, public_key: str | Path) -> None:
     try:
         key.verify(signature, (root / MANIFEST).read_bytes())
     except InvalidSignature as e:
-        raise SplitedgeError(f"bundle {root}: signature does not match {public_key}; "
-                             "re-sign it with the matching private key") from e
+        raise SplitedgeError(
+            f"bundle {root}: signature does not match {public_key}; "
+            "re-sign it with the matching private key"
+        ) from e
 
 
 def _read(path: str | Path, what: str) -> bytes:

@@ -33,7 +33,9 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
     return priv, pub
 
 
-def test_signature_is_plain_ed25519_over_the_manifest_bytes(bundle: Path, keys: tuple[Path, Path]) -> None:
+def test_signature_is_plain_ed25519_over_the_manifest_bytes(
+    bundle: Path, keys: tuple[Path, Path]
+) -> None:
     priv, pub = keys
     sig = sign_bundle(bundle, priv)
     assert oct(priv.stat().st_mode & 0o777) == "0o600"
@@ -47,8 +49,12 @@ def test_signature_is_plain_ed25519_over_the_manifest_bytes(bundle: Path, keys: 
 def test_a_signature_made_by_the_library_verifies(bundle: Path, tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     pem = tmp_path / "pub.pem"
-    pem.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
-    (bundle / "manifest.sig").write_text(base64.b64encode(key.sign((bundle / "manifest.json").read_bytes())).decode())
+    pem.write_bytes(
+        key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
+    )
+    (bundle / "manifest.sig").write_text(
+        base64.b64encode(key.sign((bundle / "manifest.json").read_bytes())).decode()
+    )
     verify_signature(bundle, pem)
 
 
@@ -62,7 +68,8 @@ def test_ssh_keygen_keys_work(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_wrong_key_tampered_manifest_and_missing_signature_are_refused(
-        bundle: Path, keys: tuple[Path, Path], tmp_path: Path) -> None:
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
     priv, pub = keys
     other_priv, other_pub = tmp_path / "o", tmp_path / "o.pub"
     generate_keypair(other_priv, other_pub)
@@ -88,8 +95,9 @@ def test_a_corrupted_file_fails_before_the_signature(bundle: Path, keys: tuple[P
         load_bundle(bundle, public_key=pub)
 
 
-def test_sign_command_generates_a_key_and_refuses_to_overwrite(bundle: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_sign_command_generates_a_key_and_refuses_to_overwrite(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = tmp_path / "keys" / "release.key"
     assert main(["bundle", "sign", str(bundle), "--key", str(key), "--generate", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

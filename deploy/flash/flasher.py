@@ -70,9 +70,15 @@ class _Steps:
 
 def dry_run_plan(opts: FlashOptions) -> list[dict[str, str]]:
     """The steps and the exact commands a flash would run, without contacting the device."""
+    from splitedge.bundle import read_manifest
+
     t = opts.transport()
-    root = opts.root or "$SPLITEDGE_ROOT or /opt/splitedge (as the device says)"
-    rel = "<name>-<version>"
+    root = opts.root or "<root>"  # the device's $SPLITEDGE_ROOT, else /opt/splitedge: only it knows
+    try:
+        manifest = read_manifest(Path(opts.bundle))
+        rel = f"{manifest['name']}-{manifest['version']}"
+    except SplitedgeError:
+        rel = "<name>-<version>"
     py = f"{root}/runtimes/<key>/venv/bin/python"
     return [
         {
@@ -170,7 +176,8 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="splitedge-flash-") as tmp:
         info = stage_release(bundle, Path(tmp) / release, root, server, source, sink, opts.service)
-        runtime = plan_runtime(facts, opts.offline, opts.pip_args)
+        camera = ("opencv-python-headless",) if source["kind"] in ("camera", "video") else ()
+        runtime = plan_runtime(facts, opts.offline, opts.pip_args, extra=camera)
         steps.done(
             "package",
             f"probe {info['probe']['probe']}; {len(runtime.wheels)} wheel(s)"

@@ -109,9 +109,16 @@ class RuntimePlan:
 
 
 def plan_runtime(
-    facts: dict[str, Any], offline: bool, pip_args: list[str] | None = None
+    facts: dict[str, Any],
+    offline: bool,
+    pip_args: list[str] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> RuntimePlan:
-    """Build the wheel (and with offline the device's wheelhouse); name the runtime by its content."""
+    """Build the wheel (and with offline the device's wheelhouse); name the runtime by its content.
+
+    extra: more requirements, e.g. opencv-python-headless for camera and video sources.
+    """
+    wanted = (*EXTRA_REQUIREMENTS, *extra)
     wheel = project_wheel()
     py = ".".join(facts["python"].split(".")[:2])
     tag = f"{facts['machine']}-cp{py.replace('.', '')}-{facts['glibc'] or 'unknown'}"
@@ -126,7 +133,7 @@ def plan_runtime(
         tmp, house / wheel.name
     )  # atomic: a flash running beside this one never reads half a wheel
     digest = hashlib.sha256(
-        json.dumps([wheel.name, wheel.parent.name, facts["glibc"], pip_args]).encode()
+        json.dumps([wheel.name, wheel.parent.name, facts["glibc"], pip_args, wanted]).encode()
     )
     marker = house / f".downloaded-{digest.hexdigest()[:16]}"
     if offline and not marker.is_file():
@@ -146,13 +153,13 @@ def plan_runtime(
         for t in platform_tags(facts["machine"], facts["glibc"]):
             args += ["--platform", t]
         _pip(
-            args + (pip_args or []) + [f"{house / wheel.name}[edge]", *EXTRA_REQUIREMENTS],
+            args + (pip_args or []) + [f"{house / wheel.name}[edge]", *wanted],
             f"download wheels for {facts['machine']} / Python {py} (is every edge dependency published "
             "for it? add --pip-arg=--extra-index-url=... e.g. piwheels for armv7l)",
         )
         marker.touch()  # same wheel, platform and pip arguments: the next flash skips the download
     wheels = sorted(p.name for p in house.glob("*.whl"))
-    requirements = [f"{wheel.name}[edge]", *EXTRA_REQUIREMENTS]
+    requirements = [f"{wheel.name}[edge]", *wanted]
     ident = {
         "python": py,
         "machine": facts["machine"],

@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         emit(
             {"dry_run": True, "plan": plan},
             args.json,
-            f"flash plan for {args.host} (dry run, nothing contacted):\n{text}",
+            f"flash plan for {args.host} (dry run, nothing contacted):\n{text}"
+            + ("" if args.root else "\n<root>: the device's $SPLITEDGE_ROOT, else /opt/splitedge"),
         )
         return 0
     log(f"flashing {args.bundle} to {args.host}")
