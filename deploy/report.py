@@ -117,7 +117,7 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         f"link backend: {doc.get('link_backend', 'proxy')}; encoder: {doc['encoder']}).",
         "",
         "Latency is decision latency (observation ready -> action in hand), in ms. `bound_ms` is "
-        "2 x one-way delay + serialisation of the measured bytes both ways + measured encode + "
+        "2 x one-way delay + serialisation of the median step's bytes both ways + measured encode + "
         "measured server compute. `up_B`/`down_B` are bytes per step through the link, HTTP/2 "
         "framing included; `msg_up_B` is the gRPC message alone (protobuf + 5-byte prefix).",
         "",
