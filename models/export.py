@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,20 @@ def _export(
         )
 
 
+def with_es2_scales(
+    enc_ir: ir.EncoderIR, weights: dict[str, np.ndarray], task: str
+) -> ir.EncoderIR:
+    """The IR with per-layer 8-bit activation scales for es2, calibrated on the task's frames.
+
+    Recorded at export so every device stores activations on the same grid (and the
+    encoder digest covers it), instead of each device calibrating on its own at load.
+    """
+    from edge.encoder.calibrate import EXTRA_KEY, calibrate, task_frames, to_extra
+
+    scales = to_extra(calibrate(enc_ir, weights, task_frames(task)))
+    return replace(enc_ir, extra={**enc_ir.extra, EXTRA_KEY: scales})
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(
@@ -90,7 +105,11 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
     model = PPO.load(model_zip, device="cpu")
     policy = model.policy.eval()
     encoder: MiniConv = policy.features_extractor.encoder
-    enc_ir, weights = encoder.ir, encoder.weights()
+    weights = encoder.weights()
+    result_path = model_zip.parent / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    task = result.get("config", {}).get("task", "cartpole-pixels")
+    enc_ir = with_es2_scales(encoder.ir, weights, task)
     out.mkdir(parents=True, exist_ok=True)
     (out / "encoder_ir.json").write_text(enc_ir.to_json() + "\n")
     (out / "encoder_weights.npz").write_bytes(ir.save_weights(weights))
@@ -106,8 +125,6 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
         FullGraph(enc_graph, head_graph), example_obs, out / "full.onnx", "observation", "action"
     )
 
-    result_path = model_zip.parent / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
     space = model.action_space
     manifest = {
         "kind": "policy",
@@ -120,7 +137,7 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
             "splitedge_version": __version__,
         },
         "policy": {
-            "task": result.get("config", {}).get("task", "unknown"),
+            "task": task,
             "algorithm": "ppo",
             "observation": {"shape": list(obs_shape), "dtype": "uint8", "layout": "CHW"},
             "encoder": {
