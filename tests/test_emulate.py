@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deploy.emulate.device import EmulatedDevice, _memory_cgroup_parent
+from tests.conftest import ZOO_BUNDLE
 
 pytestmark = [
     pytest.mark.skipif(
@@ -60,6 +61,27 @@ def test_isolation_is_what_the_machine_allows_and_applies_to_ssh_sessions() -> N
             limit_file = "memory.max" if dev.caps.cgroup == "v2" else "memory.limit_in_bytes"
             assert dev._cgroup is not None
             assert int((dev._cgroup / limit_file).read_text()) == 512 * 2**20
+            # pre-flight, over ssh, sees the limit and stops a flash for a bigger board
+            from deploy.flash.flasher import FlashOptions, flash
+            from deploy.flash.transport import Target, Transport
+            from splitedge.errors import SplitedgeError
+
+            facts = Transport(Target.parse(dev.host), ssh_config=dev.ssh_config).op("facts", None)
+            assert facts["ram_limit_mb"] == 512 and facts["arch"] == "aarch64"
+            with pytest.raises(
+                SplitedgeError,
+                match=r"pre-flight failed.*nothing was changed.*ram: device has 512 MB",
+            ):
+                flash(
+                    FlashOptions(
+                        host=dev.host,
+                        bundle=ZOO_BUNDLE,
+                        profile="jetson-nano",
+                        server="10.0.0.1:1",
+                        ssh_config=dev.ssh_config,
+                    )
+                )
+            assert not any(dev.root.iterdir()), "nothing was written on the device"
         group = dev._cgroup
         netns = dev._netns
     assert group is None or not group.exists(), "cgroup removed"

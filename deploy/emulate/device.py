@@ -148,7 +148,8 @@ class EmulatedDevice:
         self._write_sshd_config(keys)
         argv = [SSHD, "-D", "-e", "-f", str(self.workdir / "sshd_config")]
         if self._netns:
-            argv = ["ip", "netns", "exec", self._netns, *argv]
+            # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup limit from pre-flight
+            argv = ["nsenter", f"--net=/run/netns/{self._netns}", *argv]
         log = open(self.workdir / "sshd.log", "ab")  # noqa: SIM115 - lives as long as sshd
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         if self.isolate and os.geteuid() == 0:
