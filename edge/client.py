@@ -212,10 +212,8 @@ class PolicyClient:
         tensor = self._encode(frame)
         t1 = time.perf_counter()
         self._step += 1
-        request = pb.ActRequest(session_id=self._session, step=self._step, input=tensor)
-        d = Decision(
-            action=None, encode_ms=(t1 - t0) * 1e3, bytes_up=request.ByteSize() + GRPC_PREFIX
-        )
+        request = pb.ActRequest(step=self._step, input=tensor)  # session set once connected
+        d = Decision(action=None, encode_ms=(t1 - t0) * 1e3)
         try:
             reply = self._exchange(request, t0 + self.config.deadline_s)
         except (grpc.RpcError, ConnectionError, TimeoutError, queue.Empty) as e:
@@ -232,6 +230,7 @@ class PolicyClient:
             self._last_action = d.action if self.config.fallback == "last" else self._last_action
             self._backoff = 0.0
         d.total_ms = (time.perf_counter() - t0) * 1e3
+        d.bytes_up = request.ByteSize() + GRPC_PREFIX
         self.last = d
         return d.action
 
@@ -254,6 +253,7 @@ class PolicyClient:
             except ConnectionError:
                 self._stub = None
                 raise
+        request.session_id = self._session  # after any reconnect: a new Hello, a new session
         timeout = max(deadline - time.perf_counter(), 1e-3)
         if self._stream is None:
             return self._stub.Act(request, timeout=timeout)

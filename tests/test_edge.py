@@ -150,3 +150,21 @@ def test_concurrent_threads_can_share_nothing_but_the_bundle(tiny_bundle: Path) 
         t.join(30)
     server.stop(0)
     assert not errors
+
+
+def test_act_without_connect_and_after_reconnect_uses_the_live_session(tiny_bundle: Path) -> None:
+    from deploy.server_process import ServerProcess
+
+    frame = _frame()
+    with ServerProcess(tiny_bundle) as srv:
+        cfg = ClientConfig(server=srv.address, deadline_s=5.0, backoff_s=(0.01, 0.02))
+        client = PolicyClient(load_bundle(tiny_bundle), cfg)  # no connect(): act() must do it
+        client.act(frame)
+        assert not client.last.fallback, client.last.error
+        first_session = client._session
+        client._schedule_reconnect()  # as after a dropped link
+        time.sleep(0.05)
+        client.act(frame)
+        assert not client.last.fallback, client.last.error
+        assert client._session != first_session and client.reconnects == 2
+        client.close()
