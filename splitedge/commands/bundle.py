@@ -13,21 +13,34 @@ from splitedge.output import emit
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bundle", help="verify and sign bundles")
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
-    v = bsub.add_parser("verify", help="check every file's sha256 against the manifest",
-                        description="Exit 0 if every file matches its manifest sha256; otherwise "
-                        "name each file that does not match and exit 1.")
+    v = bsub.add_parser(
+        "verify",
+        help="check every file's sha256 against the manifest",
+        description="Exit 0 if every file matches its manifest sha256; otherwise "
+        "name each file that does not match and exit 1.",
+    )
     v.add_argument("bundle", type=Path, help="bundle directory or .tar")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=verify)
-    s = bsub.add_parser("sign", help="sign a bundle's manifest with an ed25519 key",
-                        description="Write manifest.sig: an ed25519 signature over manifest.json, "
-                        "which pins every file's sha256. A device with a public key configured "
-                        "refuses bundles whose signature does not verify.")
+    s = bsub.add_parser(
+        "sign",
+        help="sign a bundle's manifest with an ed25519 key",
+        description="Write manifest.sig: an ed25519 signature over manifest.json, "
+        "which pins every file's sha256. A device with a public key configured "
+        "refuses bundles whose signature does not verify.",
+    )
     s.add_argument("bundle", type=Path, help="bundle directory")
-    s.add_argument("--key", type=Path, required=True,
-                   help="ed25519 private key (PKCS#8 PEM or OpenSSH, unencrypted)")
-    s.add_argument("--generate", action="store_true",
-                   help="create the key pair first (KEY and KEY.pub) if KEY does not exist")
+    s.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        help="ed25519 private key (PKCS#8 PEM or OpenSSH, unencrypted)",
+    )
+    s.add_argument(
+        "--generate",
+        action="store_true",
+        help="create the key pair first (KEY and KEY.pub) if KEY does not exist",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=sign)
 
@@ -35,8 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def verify(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, verify=False)
     problems = verify_files(bundle.root, read_manifest(bundle.root))
-    result = {"bundle": str(args.bundle), "name": bundle.name, "version": bundle.version,
-              "files": len(bundle.manifest.get("files", {})), "ok": not problems, "problems": problems}
+    result = {
+        "bundle": str(args.bundle),
+        "name": bundle.name,
+        "version": bundle.version,
+        "files": len(bundle.manifest.get("files", {})),
+        "ok": not problems,
+        "problems": problems,
+    }
     if problems:
         text = f"{args.bundle}: FAILED\n" + "\n".join(f"  {p}" for p in problems)
     else:
@@ -57,8 +76,14 @@ def sign(args: argparse.Namespace) -> int:
         generate_keypair(args.key, public)
         generated = True
     sig = sign_bundle(bundle.root, args.key)
-    result = {"bundle": str(args.bundle), "name": bundle.name, "version": bundle.version,
-              "signature": str(sig), "key": str(args.key), "generated_key": generated}
+    result = {
+        "bundle": str(args.bundle),
+        "name": bundle.name,
+        "version": bundle.version,
+        "signature": str(sig),
+        "key": str(args.key),
+        "generated_key": generated,
+    }
     if public.is_file():
         verify_signature(bundle.root, public)  # prove the pair matches before anyone relies on it
         result["public_key"] = str(public)
