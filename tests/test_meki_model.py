@@ -74,7 +74,7 @@ def test_folded_rows_give_training_form_logits(meki):
     ref, _, _ = model(ids)
     rows = model.fold_tables()[ids]  # (B, T, L, d_mem)
     got, _, _ = model(ids, memory=[rows[:, :, i] for i in range(2)])
-    assert float((got - ref).abs().max()) <= 1e-4
+    assert float((got - ref).abs().max().detach()) <= 1e-4
 
 
 @pytest.mark.parametrize("meki", ["off", "both"])
@@ -122,7 +122,7 @@ def test_training_loss_is_cross_entropy():
     logits, loss, _ = model(ids, targets)
     assert loss is not None
     want = F.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1))
-    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize(

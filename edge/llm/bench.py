@@ -180,6 +180,7 @@ def _measure(
                 "after_all": final_memory[i],
                 "fold_check": llm.get("fold_check"),
                 "training": llm.get("training"),
+                "created": m.get("created"),
             }
         )
     return {

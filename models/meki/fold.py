@@ -12,6 +12,7 @@ Bundle layout::
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def fold_run(
         "created": {
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "training_command": result.get("command", "unknown"),
+            "fold_command": _command(),
             "git_commit": _git_commit(),
             "splitedge_version": __version__,
         },
@@ -137,6 +139,13 @@ def _check(model: MeKiGPT, out: Path, val: np.ndarray) -> dict[str, Any]:
         "val_ppl_bundle": bundle_ppl,
         "val_ppl_change_pct": 100.0 * (bundle_ppl / ref_ppl - 1.0),
     }
+
+
+def _command() -> str:
+    """This process's command line when run from the splitedge CLI."""
+    if sys.argv and "splitedge" in sys.argv[0]:
+        return " ".join(["splitedge", *sys.argv[1:]])
+    return "python API (models.meki.fold.fold_run)"
 
 
 def _git_commit() -> str:
