@@ -1,48 +1,60 @@
-"""Decision latency of a split policy vs raw offload over emulated links, closed loop.
+"""Decision latency of a split policy vs raw offload over shaped links, closed loop, at scale.
 
-For each (link, mode) cell: a LinkProxy shapes the path between a fresh edge
-client and one policy server process; the edge loop runs `steps` decisions
-after a warm-up; the proxy's byte counters give the bytes that really crossed
-the link, and the analytic bound is what an ideal link and zero software
-overhead would give: 2 x one-way delay + serialisation both ways at the
-link's rates + measured encode + measured server compute.
+One policy server process serves every cell of a sweep (links x modes x concurrent
+clients). Each link is shaped by a backend (kernel netem, kernel tbf + userspace delay,
+or the userspace proxy alone; chosen automatically and always reported). Each cell
+starts N edge client processes, lets them connect and warm up, releases them together,
+and records per-step latency; the link's counters give the bytes that crossed it and the
+server process's CPU time gives the server's cost per decision. The analytic bound is
+what an ideal link and zero software overhead would give one client: 2 x one-way delay +
+serialisation of the metered bytes both ways + measured encode + measured server compute.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from deploy.link.profiles import LinkProfile, bound_ms, get_profile
-from deploy.link.proxy import LinkProxy
+from deploy.clients import ClientGroup
+from deploy.link import netns
+from deploy.link.kernel import BackendChoice, choose_backend, open_link
+from deploy.link.profiles import LinkProfile, bound_ms, get_profile, refusal
 from deploy.server_process import ServerProcess
-from edge.agent import run_loop
-from edge.client import MODES, ClientConfig, PolicyClient
+from edge.client import MODES
 from edge.telemetry import StepRecord, summarise
-from splitedge.bundle import Bundle, load_bundle
+from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
+
+MAX_CLIENTS = 256
+
+
+def steps_per_client(steps: int, clients: int) -> int:
+    """Timed steps for each of `clients` clients: fewer each as there are more, at least 10."""
+    return steps if clients == 1 else max(min(steps, 10), steps // clients)
 
 
 @dataclass
 class MeasureConfig:
-    """One measurement sweep: links x modes, `steps` decisions per cell."""
+    """One sweep: links x modes x concurrent clients; `steps` decisions per single-client cell."""
 
     bundle: Path
     links: list[str]
     modes: list[str] = field(default_factory=lambda: ["split", "raw"])
     steps: int = 100
     warmup: int = 5
-    backend: str = "auto"
+    backend: str = "auto"  # encoder backend on the edge
     rpc: str = "stream"
     deadline_s: float = 10.0
     seed: int = 0
+    clients: list[int] = field(default_factory=lambda: [1])
+    scale_links: list[str] | None = None  # links that get the clients > 1 cells (None: all)
+    link_backend: str = "auto"  # auto, netem, tbf, proxy
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -56,124 +68,230 @@ class MeasureConfig:
             )
         if not self.links:
             raise SplitedgeError("no links given; name some with --links (see deploy/links.toml)")
+        if not self.clients or any(not 1 <= n <= MAX_CLIENTS for n in self.clients):
+            raise SplitedgeError(
+                f"--clients must be counts between 1 and {MAX_CLIENTS}, got {self.clients}"
+            )
+        unknown = set(self.scale_links or []) - set(self.links)
+        if unknown:
+            raise SplitedgeError(
+                f"--scale-links {', '.join(sorted(unknown))} not among --links {', '.join(self.links)}"
+            )
+
+    def clients_for(self, link: str) -> list[int]:
+        """Concurrency levels measured on this link."""
+        if self.scale_links is None or link in self.scale_links:
+            return self.clients
+        return [n for n in self.clients if n == 1] or [min(self.clients)]
 
 
 @dataclass
 class Cell:
-    """The result of one (link, mode) cell."""
+    """The result of one (link, mode, clients) cell."""
 
     link: str
     mode: str
+    clients: int
     summary: dict[str, Any]
-    wire_up: float  # bytes per step through the link, HTTP/2 framing included
-    wire_down: float
+    link_up: float  # bytes per decision the link's shaper metered (frames for kernel backends)
+    link_down: float
+    payload_up: float  # bytes per decision through the link, HTTP/2 framing included
+    payload_down: float
     bound_ms: float
     records: list[StepRecord]
     encoder: str
+    decisions_s: float = 0.0
+    server_cpu_ms: float = 0.0  # server process CPU per decision, its idle rate taken out
 
     def row(self) -> dict[str, Any]:
         s = self.summary
         return {
             "link": self.link,
             "mode": self.mode,
+            "clients": self.clients,
             "p50_ms": s["p50_ms"],
             "p95_ms": s["p95_ms"],
             "p99_ms": s["p99_ms"],
             "bound_ms": self.bound_ms,
             "p50_minus_bound_ms": s["p50_ms"] - self.bound_ms,
-            "up_B": self.wire_up,
-            "down_B": self.wire_down,
+            "decisions_s": self.decisions_s,
+            "up_B": self.link_up,
+            "down_B": self.link_down,
+            "payload_up_B": self.payload_up,
+            "payload_down_B": self.payload_down,
             "msg_up_B": s["bytes_up"],
             "msg_down_B": s["bytes_down"],
             "encode_ms": s["encode_ms"],
             "server_ms": s["server_compute_ms"],
+            "server_cpu_ms": self.server_cpu_ms,
             "fallbacks": s["fallbacks"],
             "steps": s["steps"],
         }
 
 
+@dataclass
+class Sweep:
+    """Every cell of a sweep and the link backend that shaped it."""
+
+    cells: list[Cell]
+    backend: BackendChoice
+    notes: list[str] = field(default_factory=list)
+
+
+def idle_cpu_rate(server: ServerProcess, seconds: float = 2.0) -> float:
+    """CPU seconds per second the server burns with no clients (gRPC pollers, timers)."""
+    t0, c0 = time.perf_counter(), server.cpu_seconds()
+    time.sleep(seconds)
+    return (server.cpu_seconds() - c0) / (time.perf_counter() - t0)
+
+
 def measure_cell(
-    bundle: Bundle,
-    server: str,
+    server: ServerProcess,
+    link: Any,
     profile: LinkProfile,
     mode: str,
+    clients: int,
     cfg: MeasureConfig,
     on_step: Callable[[int], None] | None = None,
+    idle_cpu: float = 0.0,
 ) -> Cell:
-    """Run one cell through a fresh link proxy and client."""
-    host, port = server.rsplit(":", 1)
-    with LinkProxy(profile, upstream=(host, int(port))) as link:
-        client = PolicyClient(
-            bundle,
-            ClientConfig(
-                server=link.address,
-                mode=mode,
-                backend=cfg.backend,
-                rpc=cfg.rpc,
-                deadline_s=cfg.deadline_s,
-            ),
-        )
-        with client.connect():
-            if cfg.warmup:
-                run_loop(client, cfg.warmup, seed=cfg.seed + 999)
-            before = link.stats()
-            snapshots = [before]
-
-            def snapshot(i: int) -> None:
-                snapshots.append(link.stats())
-                if on_step is not None:
-                    on_step(i)
-
-            result = run_loop(client, cfg.steps, seed=cfg.seed, on_step=snapshot)
-            after = link.stats()
-    failed = [r.error for r in result.records if r.fallback]
-    if len(failed) == cfg.steps:
+    """Run one cell: `clients` edge processes through `link`, released together."""
+    steps = steps_per_client(cfg.steps, clients)
+    job = {
+        "bundle": str(cfg.bundle), "server": link.address, "mode": mode,
+        "backend": cfg.backend, "rpc": cfg.rpc, "deadline_s": cfg.deadline_s,
+        "warmup": cfg.warmup, "steps": steps, "seed": cfg.seed, "netns": link.netns,
+    }  # fmt: skip
+    with ClientGroup(clients, job) as group:
+        before, cpu0 = link.stats(), server.cpu_seconds()
+        group.go()
+        results = group.wait(steps * (cfg.deadline_s + 2) + 120, on_step)
+        after, cpu1 = link.stats(), server.cpu_seconds()
+        seconds = group.t_done - group.t_go
+    records = [r for res in results for r in res.records]
+    failed = [r.error for r in records if r.fallback]
+    if len(failed) == len(records):
         causes = "; ".join(f"{n}x {e}" for e, n in Counter(failed).most_common(2))
         raise SplitedgeError(
             f"{profile.name}/{mode}: every decision fell back ({causes}); "
             "is the server healthy and --deadline-ms long enough for this link?"
         )
-    up = (after["bytes_up"] - before["bytes_up"]) / cfg.steps
-    down = (after["bytes_down"] - before["bytes_down"]) / cfg.steps
-    summary = summarise(result.records)
-    # The bound uses the median step's bytes: keepalive and BDP pings add bytes on some steps
-    # that travel off the critical path, and on a 20 kbit/s link their mean would cost ~10 ms.
-    med_up, med_down = (
-        float(np.median([b[k] - a[k] for a, b in itertools.pairwise(snapshots)]))
-        for k in ("bytes_up", "bytes_down")
-    )
+    n = len(records)
+    per = {
+        k: (after[k] - before[k]) / n for k in ("link_up", "link_down", "bytes_up", "bytes_down")
+    }
+    summary = summarise(records)
     bound = (
-        bound_ms(profile, med_up, med_down) + summary["encode_ms"] + summary["server_compute_ms"]
+        bound_ms(profile, per["link_up"], per["link_down"])
+        + summary["encode_ms"]
+        + summary["server_compute_ms"]
     )
     return Cell(
-        profile.name,
-        mode,
-        summary,
-        up,
-        down,
-        bound,
-        result.records,
-        client.encoder_reason or "none (raw mode)",
-    )
+        profile.name, mode, clients, summary, per["link_up"], per["link_down"],
+        per["bytes_up"], per["bytes_down"], bound, records, results[0].encoder,
+        decisions_s=n / seconds, server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
+    )  # fmt: skip
 
 
-def measure(cfg: MeasureConfig, progress: bool = True) -> list[Cell]:
-    """Run every (link, mode) cell against one policy server process."""
-    bundle = load_bundle(cfg.bundle)
+def check_links(cfg: MeasureConfig) -> list[LinkProfile]:
+    """The profiles to run; a link that cannot carry a closed loop (LoRa) is refused with why."""
     profiles = [get_profile(name) for name in cfg.links]
-    cells: list[Cell] = []
-    bar = _progress(len(profiles) * len(cfg.modes) * cfg.steps, progress)
-    with ServerProcess(bundle.root) as server:
-        for profile in profiles:
-            for mode in cfg.modes:
-                bar.set_description(f"{profile.name}/{mode}")
-                cells.append(
-                    measure_cell(
-                        bundle, server.address, profile, mode, cfg, on_step=lambda _: bar.update(1)
-                    )
-                )
-    bar.close()
-    return cells
+    message = _split_message_bytes(cfg.bundle)
+    refused = [why for p in profiles if (why := refusal(p, message))]
+    if refused:
+        raise SplitedgeError("; ".join(refused) + "; drop it from --links")
+    return profiles
+
+
+def _split_message_bytes(bundle_path: Path) -> int:
+    out = load_bundle(bundle_path).policy["encoder"]["output"]
+    size = 1
+    for d in out["shape"]:
+        size *= int(d)
+    return size * {"uint8": 1, "int8": 1, "float16": 2}.get(out["dtype"], 4)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while inside, so the same cleanup runs for both."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def shaped_server(
+    bundle: Path, choice: BackendChoice, notes: list[str], clients: int = 1
+) -> Iterator[tuple[ServerProcess, netns.NamespacePair | None]]:
+    """The policy server, inside the server namespace for the kernel backends; cleaned up always."""
+    # Every open ActStream holds a server thread: room for all clients and their reconnects.
+    args = ["--workers", str(max(32, 2 * clients + 8)), "--grace-s", "0.5"]
+    with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        pair = None
+        if choice.name != "proxy":
+            swept = netns.sweep_stale()
+            if swept:
+                notes.append(f"removed stale namespaces/links of dead runs: {', '.join(swept)}")
+            pair = netns.NamespacePair()
+            stack.callback(pair.destroy)  # registered first, so it runs last
+            pair.create()
+            notes.extend(pair.notes)
+            server = ServerProcess(bundle, extra_args=args, netns=pair.server, host=netns.SERVER_IP)
+        else:
+            server = ServerProcess(bundle, extra_args=args)
+        yield stack.enter_context(server), pair
+
+
+def measure(cfg: MeasureConfig, progress: bool = True) -> Sweep:
+    """Run every (link, mode, clients) cell against one policy server process."""
+    profiles = check_links(cfg)
+    choice = choose_backend(cfg.link_backend)
+    sweep = Sweep([], choice)
+    total = sum(
+        n * steps_per_client(cfg.steps, n) * len(cfg.modes)
+        for p in profiles
+        for n in cfg.clients_for(p.name)
+    )
+    bar = _progress(total, progress)
+    try:
+        root = load_bundle(cfg.bundle).root
+        with shaped_server(root, choice, sweep.notes, max(cfg.clients)) as (server, pair):
+            host, port = server.address.rsplit(":", 1)
+            idle = idle_cpu_rate(server)
+            sweep.notes.append(
+                f"server idle CPU {1e3 * idle:.1f} ms/s, subtracted from server_cpu_ms"
+            )
+            for profile in profiles:
+                with open_link(choice.name, profile, (host, int(port)), pair, cfg.seed) as link:
+                    for mode in cfg.modes:
+                        for n in cfg.clients_for(profile.name):
+                            bar.set_description(f"{profile.name}/{mode}/x{n}")
+                            sweep.cells.append(
+                                measure_cell(
+                                    server,
+                                    link,
+                                    profile,
+                                    mode,
+                                    n,
+                                    cfg,
+                                    lambda _: bar.update(1),
+                                    idle,
+                                )  # fmt: skip
+                            )
+    finally:
+        bar.close()
+    return sweep
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -182,15 +300,25 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def cells_to_json(cells: list[Cell], cfg: MeasureConfig) -> dict[str, Any]:
-    """The sweep as plain data (config, rows, per-step latencies)."""
+def cell_key(c: Cell) -> str:
+    """The cell's name in latencies_ms: link/mode, with /xN for N > 1 clients."""
+    return f"{c.link}/{c.mode}" + (f"/x{c.clients}" if c.clients > 1 else "")
+
+
+def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
+    """The sweep as plain data (config, backend, rows, per-step latencies)."""
     cfg_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    cells = sweep.cells
     return {
         "config": cfg_d,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "link_backend": sweep.backend.name,
+        "link_backend_reasons": sweep.backend.reasons,
+        "notes": sweep.notes,
         "encoder": cells[0].encoder if cells else "",
+        "profiles": {p: asdict(get_profile(p)) for p in cfg.links},
         "rows": [c.row() for c in cells],
         "latencies_ms": {
-            f"{c.link}/{c.mode}": [r.total_ms for r in c.records if not r.fallback] for c in cells
+            cell_key(c): [r.total_ms for r in c.records if not r.fallback] for c in cells
         },
     }

@@ -1,4 +1,4 @@
-"""Write a sweep's CSV, JSON and latency CDF plots, and render its table."""
+"""Write a sweep's CSV, JSON, latency CDF and p50-vs-bound plots, and render its tables."""
 
 from __future__ import annotations
 
@@ -10,24 +10,27 @@ from typing import Any
 from splitedge.output import table
 
 COLUMNS = [
-    "link",
-    "mode",
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
-    "bound_ms",
-    "p50_minus_bound_ms",
-    "up_B",
-    "down_B",
-    "msg_up_B",
-    "fallbacks",
-]
+    "link", "mode", "p50_ms", "p95_ms", "p99_ms", "bound_ms", "p50_minus_bound_ms",
+    "up_B", "down_B", "msg_up_B", "server_cpu_ms", "fallbacks",
+]  # fmt: skip
+SCALE_COLUMNS = [
+    "link", "mode", "clients", "steps", "p50_ms", "p95_ms", "p99_ms", "bound_ms",
+    "decisions_s", "up_B", "down_B", "server_cpu_ms", "fallbacks",
+]  # fmt: skip
+SLOW_LINK_KBIT = 1000  # the issue's bars apply to links with a direction this slow or slower
+SPEEDUP_BAR = 5.0
+BOUND_BAR = (0.05, 3.0)  # split p50 within 5% or 3 ms of its bound, whichever is larger
+
+
+def single(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The one-client rows (the latency table); rows without a clients key count as one."""
+    return [r for r in rows if r.get("clients", 1) == 1]
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per link: raw/split ratios of p50 latency and of bytes up, measured in the same run."""
     out = []
-    by = {(r["link"], r["mode"]): r for r in rows}
+    by = {(r["link"], r["mode"]): r for r in single(rows)}
     for link in dict.fromkeys(r["link"] for r in rows):
         split = by.get((link, "split"))
         if not split or not split["up_B"] or not split["p50_ms"] == split["p50_ms"]:
@@ -40,6 +43,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "link": link,
                         "vs": mode,
                         "p50_speedup": other["p50_ms"] / split["p50_ms"],
+                        "bound_ratio": other["bound_ms"] / split["bound_ms"],
                         "wire_bytes_up_ratio": other["up_B"] / split["up_B"],
                         "msg_bytes_up_ratio": other["msg_up_B"] / split["msg_up_B"],
                     }
@@ -47,21 +51,67 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def bars(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's bars per slow link: split >= 5x faster than raw; split p50 near its bound."""
+    out = []
+    by = {(r["link"], r["mode"]): r for r in single(doc["rows"])}
+    for link, prof in doc.get("profiles", {}).items():
+        split, raw = by.get((link, "split")), by.get((link, "raw"))
+        if split is None or min(prof["up_kbit"], prof["down_kbit"]) > SLOW_LINK_KBIT:
+            continue
+        slack = max(BOUND_BAR[0] * split["bound_ms"], BOUND_BAR[1])
+        row = {
+            "link": link,
+            "split_p50_ms": split["p50_ms"],
+            "split_bound_ms": split["bound_ms"],
+            "within_bound": abs(split["p50_ms"] - split["bound_ms"]) <= slack,
+        }
+        if raw is not None:
+            row["raw_over_split_p50"] = raw["p50_ms"] / split["p50_ms"]
+            # The most any emulator could show: raw's bound over split's, same bytes, zero overhead.
+            row["ceiling_from_bounds"] = raw["bound_ms"] / split["bound_ms"]
+            row["speedup_5x"] = row["raw_over_split_p50"] >= SPEEDUP_BAR
+        out.append(row)
+    return out
+
+
 def render(doc: dict[str, Any]) -> str:
-    """The human table of a sweep plus the raw/split ratios."""
+    """The human tables of a sweep: latency, raw/split ratios, scalability, backend."""
+    unit = "Ethernet frames" if doc.get("link_backend", "proxy") != "proxy" else "HTTP/2 bytes"
     text = table(
-        doc["rows"],
+        single(doc["rows"]),
         COLUMNS,
-        title="decision latency (ms) and bytes per step through the link (HTTP/2 framing included)",
+        title=f"decision latency (ms) and bytes per decision through the link ({unit})",
     )
     r = ratios(doc["rows"])
     if r:
         text += "\n\n" + table(r, title="raw offload vs split, same run")
-    return text + f"\n\nencoder: {doc['encoder']}"
+    scale = [row for row in doc["rows"] if row.get("clients", 1) > 1]
+    if scale:
+        text += "\n\n" + table(
+            [row for row in doc["rows"] if _scaled_link(doc, row["link"])],
+            SCALE_COLUMNS,
+            title="scalability: concurrent edge clients (processes) against one server",
+        )
+    if doc.get("self_check"):
+        checks = doc["self_check"]
+        cols = list(dict.fromkeys(k for row in checks for k in row))
+        text += "\n\n" + table(checks, cols, title="emulator self-check against theory")
+    return text + f"\n\nlink backend: {backend_line(doc)}\nencoder: {doc['encoder']}"
+
+
+def backend_line(doc: dict[str, Any]) -> str:
+    """The backend that ran and why better ones did not."""
+    reasons = doc.get("link_backend_reasons") or []
+    return doc.get("link_backend", "proxy") + (f" ({'; '.join(reasons)})" if reasons else "")
+
+
+def _scaled_link(doc: dict[str, Any], link: str) -> bool:
+    return any(r["link"] == link and r.get("clients", 1) > 1 for r in doc["rows"])
 
 
 def write(doc: dict[str, Any], out: Path) -> list[Path]:
-    """results.json, results.csv and latency_cdf.png under out; returns the paths written."""
+    """results.json, results.csv, latency_cdf.png and p50_vs_bound.png under out."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -70,21 +120,29 @@ def write(doc: dict[str, Any], out: Path) -> list[Path]:
         w.writerows(doc["rows"])
     paths = [out / "results.json", out / "results.csv"]
     paths.append(plot_cdf(doc, out / "latency_cdf.png"))
+    paths.append(plot_bound(doc, out / "p50_vs_bound.png"))
     return paths
 
 
-def plot_cdf(doc: dict[str, Any], path: Path) -> Path:
-    """One panel per link: empirical CDF of decision latency per mode, bound as a dashed line."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cdf(doc: dict[str, Any], path: Path) -> Path:
+    """One panel per link: empirical CDF of decision latency per mode, bound as a dashed line."""
     import numpy as np
 
-    links = list(dict.fromkeys(r["link"] for r in doc["rows"]))
+    plt = _pyplot()
+    rows = single(doc["rows"])
+    links = list(dict.fromkeys(r["link"] for r in rows))
     fig, axes = plt.subplots(1, len(links), figsize=(4.2 * len(links), 3.4), squeeze=False)
     for ax, link in zip(axes[0], links, strict=True):
-        for row in (r for r in doc["rows"] if r["link"] == link):
+        for row in (r for r in rows if r["link"] == link):
             lat = np.sort(np.asarray(doc["latencies_ms"][f"{link}/{row['mode']}"]))
             if lat.size == 0:
                 continue
@@ -101,34 +159,88 @@ def plot_cdf(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_bound(doc: dict[str, Any], path: Path) -> Path:
+    """p50 against its analytic bound for every one-client cell (log-log, y = x dashed)."""
+    plt = _pyplot()
+    rows = [r for r in single(doc["rows"]) if r["p50_ms"] == r["p50_ms"]]
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for mode, marker in (("split", "o"), ("raw", "s"), ("raw-png", "^"), ("raw-jpeg", "v")):
+        sel = [r for r in rows if r["mode"] == mode]
+        if sel:
+            ax.scatter([r["bound_ms"] for r in sel], [r["p50_ms"] for r in sel], marker=marker,
+                       label=mode)  # fmt: skip
+            for r in sel:
+                ax.annotate(r["link"], (r["bound_ms"], r["p50_ms"]), fontsize=6, alpha=0.7)
+    lo = min(min(r["bound_ms"], r["p50_ms"]) for r in rows) * 0.8
+    hi = max(max(r["bound_ms"], r["p50_ms"]) for r in rows) * 1.25
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="p50 = bound")
+    ax.set(xscale="log", yscale="log", xlabel="analytic bound (ms)", ylabel="measured p50 (ms)")
+    ax.set_title(f"p50 vs bound ({doc.get('link_backend', 'proxy')} backend)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_md(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def markdown(doc: dict[str, Any], command: str) -> str:
     """A markdown report of a sweep that names the command that produced it."""
-    cols = COLUMNS
-
-    def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for r in rows:
-            lines.append("| " + " | ".join(_md(r[c]) for c in columns) + " |")
-        return "\n".join(lines)
-
+    kernel = doc.get("link_backend", "proxy") != "proxy"
     parts = [
         f"Generated by `{command}` on {doc['measured_at']} "
-        f"({doc['config']['steps']} decisions per cell after {doc['config']['warmup']} warm-up; "
-        f"link backend: {doc.get('link_backend', 'proxy')}; encoder: {doc['encoder']}).",
+        f"({doc['config']['steps']} decisions per one-client cell after "
+        f"{doc['config']['warmup']} warm-up; encoder: {doc['encoder']}).",
+        "",
+        f"Link backend: **{backend_line(doc)}**.",
+        *(f"Note: {n}" for n in doc.get("notes", [])),
         "",
         "Latency is decision latency (observation ready -> action in hand), in ms. `bound_ms` is "
-        "2 x one-way delay + serialisation of the median step's bytes both ways + measured encode + "
-        "measured server compute. `up_B`/`down_B` are bytes per step through the link, HTTP/2 "
-        "framing included; `msg_up_B` is the gRPC message alone (protobuf + 5-byte prefix).",
+        "2 x one-way delay + serialisation of the bytes the link metered per decision, both ways, "
+        "+ measured encode + measured server compute. `up_B`/`down_B` are those bytes: "
+        + (
+            "Ethernet frames (TCP/IP headers and ACKs included) as the kernel qdisc meters them"
+            if kernel
+            else "HTTP/2 bytes through the userspace emulator"
+        )
+        + "; `msg_up_B` is the gRPC message alone (protobuf + 5-byte prefix). `server_cpu_ms` is "
+        "the server process's CPU time per decision.",
         "",
-        md_table(doc["rows"], cols),
+        _md_table(single(doc["rows"]), COLUMNS),
     ]
     r = ratios(doc["rows"])
     if r:
+        parts += ["", "Raw offload vs split, same run (`bound_ratio`: the same ratio of bounds):",
+                  "", _md_table(r, list(r[0].keys()))]  # fmt: skip
+    if any(row.get("clients", 1) > 1 for row in doc["rows"]):
         parts += [
             "",
-            md_table(r, ["link", "vs", "p50_speedup", "wire_bytes_up_ratio", "msg_bytes_up_ratio"]),
+            "## Scalability",
+            "",
+            "N edge clients, each its own process, released together against one server "
+            "process; `steps` is per client, `decisions_s` counts all clients.",
+            "",
+            _md_table([x for x in doc["rows"] if _scaled_link(doc, x["link"])], SCALE_COLUMNS),
         ]
+    b = bars(doc)
+    if b:
+        parts += ["", f"## Bars on links with a direction <= {SLOW_LINK_KBIT} kbit/s", "",
+                  "`within_bound`: split p50 within 5% or 3 ms of its bound. `speedup_5x`: raw p50 "
+                  ">= 5 x split p50. `ceiling_from_bounds` is raw's bound over split's: no emulator "
+                  "and no software could show a larger speedup on that link.", "",
+                  _md_table(b, list(dict.fromkeys(k for row in b for k in row)))]  # fmt: skip
+    if doc.get("self_check"):
+        checks = doc["self_check"]
+        cols = list(dict.fromkeys(k for row in checks for k in row))
+        parts += ["", "## Emulator self-check", "", "28 KB and 512 B over 1 Mbit/s with 20 ms "
+                  "each way; `ok` means within 5% of `theory_ms`.", "", _md_table(checks, cols)]  # fmt: skip
     return "\n".join(parts) + "\n"
 
 

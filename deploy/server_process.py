@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.link.netns import exec_prefix
 from splitedge.errors import SplitedgeError
 
 
@@ -43,7 +46,11 @@ def wait_serving(address: str, timeout_s: float) -> None:
 
 
 class ServerProcess:
-    """A policy server in its own process (so it never shares the edge loop's GIL)."""
+    """A policy server in its own process (so it never shares the edge loop's GIL).
+
+    With netns (and host, an address there) it runs inside that network namespace; the
+    caller cannot dial it from here, so readiness is its "serving ..." line on stdout.
+    """
 
     def __init__(
         self,
@@ -51,10 +58,15 @@ class ServerProcess:
         port: int | None = None,
         extra_args: list[str] | None = None,
         startup_timeout_s: float = 60.0,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
     ):
         self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.host = host
+        self.address = f"{host}:{self.port}"
+        self.netns = netns
         self._args = [
+            *(exec_prefix(netns) if netns else []),
             sys.executable,
             "-m",
             "splitedge",
@@ -62,7 +74,7 @@ class ServerProcess:
             "--bundle",
             str(bundle),
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(self.port),
             *(extra_args or []),
@@ -75,16 +87,40 @@ class ServerProcess:
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             self._args,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if self.netns else subprocess.DEVNULL,
             stderr=self._err,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "SPLITEDGE_OWNER": str(os.getpid())},
         )
         try:
-            wait_serving(self.address, self._timeout)
+            if self.netns:
+                self._wait_ready_line()
+            else:
+                wait_serving(self.address, self._timeout)
         except TimeoutError as e:
             err = self._stop()
             raise SplitedgeError(f"{e}; server said: {err.strip()[-400:] or '(nothing)'}") from e
+        except BaseException:  # Ctrl-C while waiting: leave no server behind
+            self._stop()
+            raise
         return self
+
+    def _wait_ready_line(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        out = self.proc.stdout
+        ready, _, _ = select.select([out], [], [], self._timeout)
+        if not ready or b"serving" not in out.readline():
+            raise TimeoutError(f"policy server in {self.netns} did not start")
+        # Keep draining stdout so the server never blocks on a full pipe.
+        threading.Thread(target=out.read, daemon=True).start()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        import psutil
+
+        if self.proc is None:
+            return 0.0
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return float(t.user + t.system)
 
     def _stop(self) -> str:
         if self.proc is None:

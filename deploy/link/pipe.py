@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 
@@ -12,6 +13,21 @@ from deploy.link.profiles import PACKET_BYTES
 
 _READ_MAX = 64 * 1024  # largest single read when the queue has room
 _EOF = None  # in a delivery queue: the sender half-closed (or went away) here
+_FRAME_HEADERS = 14 + 20 + 20  # Ethernet + IPv4 + TCP without options
+_TCPI_OPT_TIMESTAMPS = 1
+
+
+def tcp_segments(sock: object) -> tuple[int, int, int]:
+    """(segments sent, segments received, header bytes per segment) from Linux TCP_INFO."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return 0, 0, 0
+    if len(info) < 144:  # kernels before 4.2 have no segment counters
+        return 0, 0, 0
+    segs_out, segs_in = struct.unpack_from("II", info, 136)  # tcpi_segs_out, tcpi_segs_in
+    timestamps = info[5] & _TCPI_OPT_TIMESTAMPS  # tcpi_options
+    return segs_out, segs_in, _FRAME_HEADERS + (12 if timestamps else 0)
 
 
 class Stream:
@@ -138,6 +154,7 @@ class Side(asyncio.BufferedProtocol):
         incoming.dst = self
         self.transport: asyncio.Transport | None = None  # set on connect
         self.closed = False
+        self.final_segments = (0, 0, 0)  # tcp_segments() just before the socket closed
         self._buffer = bytearray(_READ_MAX)
         self._reading = True
 
@@ -160,7 +177,15 @@ class Side(asyncio.BufferedProtocol):
         self.outgoing.finish_source()
         return True  # keep the socket open for the other direction (half-close)
 
+    def segments(self) -> tuple[int, int, int]:
+        """This socket's tcp_segments(), also after it closed."""
+        if self.closed or self.transport is None:
+            return self.final_segments
+        return tcp_segments(self.transport.get_extra_info("socket"))
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:  # asyncio closes the socket only after this returns
+            self.final_segments = tcp_segments(self.transport.get_extra_info("socket"))
         self.closed = True
         self.outgoing.finish_source()
         self.incoming.drop()

@@ -29,6 +29,8 @@ class LinkProfile:
     jitter_ms: float = 0.0  # per-packet uniform jitter in [-jitter_ms, +jitter_ms]
     queue_bytes: int = DEFAULT_QUEUE_BYTES  # per-direction queue before the serial link
     source: str = ""  # where the numbers come from
+    max_payload_bytes: int = 0  # largest frame the link carries (0: no limit; IP fragments it)
+    duty_cycle: float = 1.0  # fraction of time a sender may transmit (regulatory, e.g. LoRa)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -59,6 +61,15 @@ class LinkProfile:
                 f"link {self.name!r}: queue_bytes must hold at least one {PACKET_BYTES}-byte packet, "
                 f"got {self.queue_bytes}"
             )
+        if not isinstance(self.max_payload_bytes, int) or self.max_payload_bytes < 0:
+            raise ValueError(
+                f"link {self.name!r}: max_payload_bytes must be an integer >= 0, "
+                f"got {self.max_payload_bytes!r}"
+            )
+        if not _is_number(self.duty_cycle) or not 0 < self.duty_cycle <= 1:
+            raise ValueError(
+                f"link {self.name!r}: duty_cycle must be in (0, 1], got {self.duty_cycle!r}"
+            )
         if not isinstance(self.source, str):
             raise ValueError(f"link {self.name!r}: source must be a string, got {self.source!r}")
 
@@ -79,6 +90,32 @@ def bound_ms(profile: LinkProfile, bytes_up: float, bytes_down: float) -> float:
     """Analytic floor of one request/reply exchange: round-trip delay + serialisation both ways."""
     # kbit/s is bit/ms, so bytes * 8 / kbit is milliseconds.
     return profile.rtt_ms + bytes_up * 8 / profile.up_kbit + bytes_down * 8 / profile.down_kbit
+
+
+TCP_GRPC_OVERHEAD = 14 + 20 + 32 + 9 + 5  # Ethernet, IPv4, TCP+timestamps, HTTP/2 DATA, gRPC
+
+
+def refusal(profile: LinkProfile, message_bytes: int) -> str:
+    """Why a closed loop sending message_bytes per step cannot run over profile ('' if it can)."""
+    need = message_bytes + TCP_GRPC_OVERHEAD
+    problems = []
+    if profile.max_payload_bytes and need > profile.max_payload_bytes:
+        problems.append(
+            f"one request needs >= {need} B ({message_bytes} B message + {TCP_GRPC_OVERHEAD} B "
+            f"TCP/IP/HTTP2/gRPC headers) but a frame carries at most {profile.max_payload_bytes} B"
+        )
+    if profile.duty_cycle < 1:
+        frame = profile.max_payload_bytes or need
+        air_s = frame * 8 / (profile.up_kbit * 1000)
+        wait_s = air_s / profile.duty_cycle - air_s
+        problems.append(
+            f"a {profile.duty_cycle:.0%} duty cycle allows one {frame} B frame ({air_s * 1e3:.0f} ms "
+            f"on air) per {wait_s + air_s:.1f} s, so at most {profile.duty_cycle / air_s:.3f} "
+            "decisions/s where control needs one every step"
+        )
+    if not problems:
+        return ""
+    return f"link '{profile.name}' cannot carry a feature tensor per step: " + "; ".join(problems)
 
 
 def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:

@@ -51,6 +51,7 @@ class LinkProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[Pipe] = set()
         self._counts = {"bytes_up": 0, "bytes_down": 0, "connections": 0}
+        self._ended_headers = [0, 0]  # header bytes up/down of upstream sockets already closed
         p = profile
         self._up = SerialLink(
             p.up_kbit if shape_rate else None, p.delay_ms, p.jitter_ms, p.queue_bytes, seed=2 * seed
@@ -109,13 +110,34 @@ class LinkProxy:
         self._port = None
 
     def stats(self) -> dict[str, int]:
-        """Cumulative bytes_up (client -> upstream), bytes_down, connections; open ones; peak queues."""
+        """Cumulative bytes_up (client -> upstream), bytes_down, connections; open ones; peak queues.
+
+        frames_up/frames_down add the Ethernet/IP/TCP headers of every segment the upstream
+        sockets sent/received (TCP_INFO): what a kernel shaper between proxy and upstream meters.
+        """
+        headers = self._upstream_headers()
         return {
             **self._counts,
             "open_connections": len(self._pipes),
             "queue_peak_up": int(self._up.peak_backlog),
             "queue_peak_down": int(self._down.peak_backlog),
+            "frames_up": self._counts["bytes_up"] + headers[0],
+            "frames_down": self._counts["bytes_down"] + headers[1],
         }
+
+    def _upstream_headers(self) -> tuple[int, int]:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return self._ended_headers[0], self._ended_headers[1]
+
+        async def total() -> tuple[int, int]:
+            up, down = self._ended_headers
+            for pipe in self._pipes:
+                segs_out, segs_in, header = pipe.upstream.segments()
+                up, down = up + segs_out * header, down + segs_in * header
+            return up, down
+
+        return asyncio.run_coroutine_threadsafe(total(), loop).result(_CLOSE_TIMEOUT_S)
 
     def __enter__(self) -> LinkProxy:
         return self.start()
@@ -149,10 +171,16 @@ class LinkProxy:
         self._counts["connections"] += 1
         up = Stream(loop, self._up, lambda n: self._add("bytes_up", n))
         down = Stream(loop, self._down, lambda n: self._add("bytes_down", n))
-        pipe = Pipe(loop, up, down, on_end=self._pipes.discard)
+        pipe = Pipe(loop, up, down, on_end=self._pipe_ended)
         self._pipes.add(pipe)
         pipe.connect_upstream(*self.upstream)
         return pipe.client
+
+    def _pipe_ended(self, pipe: Pipe) -> None:
+        segs_out, segs_in, header = pipe.upstream.segments()
+        self._ended_headers[0] += segs_out * header
+        self._ended_headers[1] += segs_in * header
+        self._pipes.discard(pipe)
 
     def _add(self, key: str, n: int) -> None:
         self._counts[key] += n

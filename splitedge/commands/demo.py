@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         rpc="stream",
         fallback="last",
         markdown=None,
+        clients="1",
+        scale_links=None,
+        link_backend="auto",
+        self_check=False,
         argv=args.argv,
     )
     return measure.run(ns)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from splitedge.commands.edge import add_client_options
+from splitedge.errors import SplitedgeError
 from splitedge.output import emit
 
 
@@ -47,6 +49,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also write a markdown report (e.g. docs/results/latency.md)",
     )
+    p.add_argument(
+        "--clients",
+        default="1",
+        help="comma-separated numbers of concurrent edge clients, e.g. 1,4,16,64 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--scale-links",
+        default=None,
+        help="links that get the cells with more than one client (default: every link)",
+    )
+    p.add_argument(
+        "--link-backend",
+        choices=("auto", "netem", "tbf", "proxy"),
+        default="auto",
+        help="how links are shaped: kernel netem, kernel tbf + userspace delay, or the "
+        "userspace proxy; auto picks the first that works here (default: %(default)s)",
+    )
+    p.add_argument(
+        "--self-check",
+        action="store_true",
+        help="first check every available link backend against theory (28 KB and 512 B "
+        "over 1 Mbit/s, 20 ms) and include the result",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     add_client_options(p)
@@ -58,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
     from deploy import report
     from deploy.measure import MeasureConfig, cells_to_json, measure
 
+    try:
+        clients = [int(n) for n in _split(args.clients)]
+    except ValueError:
+        raise SplitedgeError(
+            f"--clients takes whole numbers like 1,4,16; got {args.clients!r}"
+        ) from None
     cfg = MeasureConfig(
         bundle=args.bundle,
         links=_split(args.links),
@@ -67,9 +99,15 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         rpc=args.rpc,
         deadline_s=args.deadline_ms / 1e3,
+        clients=clients,
+        scale_links=_split(args.scale_links) if args.scale_links else None,
+        link_backend=args.link_backend,
     )
-    cells = measure(cfg, progress=not args.no_progress)
-    doc = cells_to_json(cells, cfg)
+    checks = self_check_all() if args.self_check else []
+    sweep = measure(cfg, progress=not args.no_progress)
+    doc = cells_to_json(sweep, cfg)
+    if checks:
+        doc["self_check"] = checks
     paths = report.write(doc, args.out)
     if getattr(args, "markdown", None):
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +116,21 @@ def run(args: argparse.Namespace) -> int:
     text = report.render(doc) + "\nwrote " + ", ".join(str(p) for p in paths)
     emit({k: v for k, v in doc.items() if k != "latencies_ms"}, args.json, text)
     return 0
+
+
+def self_check_all() -> list[dict[str, Any]]:
+    """Self-check rows for every link backend this machine can run (skipped ones say why)."""
+    from deploy.link.kernel import BACKENDS, unavailable
+    from deploy.link.selfcheck import run_self_check
+
+    rows: list[dict[str, Any]] = []
+    for backend in BACKENDS:
+        why = unavailable(backend)
+        if why:
+            rows.append({"backend": backend, "message_B": "-", "ok": f"skipped: {why}"})
+        else:
+            rows += run_self_check(backend)
+    return rows
 
 
 def _split(s: str) -> list[str]:

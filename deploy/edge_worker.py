@@ -1,0 +1,101 @@
+"""One edge client process for deploy.clients.ClientGroup: `python -m deploy.edge_worker`.
+
+Reads one JSON job line on stdin, enters the edge network namespace if the job names one
+(before any socket exists), connects and warms up, prints {"event": "ready"}, waits for a
+`go` line, runs the closed loop (a number of steps, or for duration_s seconds), and prints
+{"event": "done", "records": [...]}. One JSON object per line on stdout; {"event": "step"}
+after each timed step. With sysmon_s > 0 it samples its own CPU, RSS and the device's
+temperatures and throttling (edge.sysmon) while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from deploy.link.netns import die_with_parent, enter
+
+
+def _say(**event: Any) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    """Run the job read from stdin; report by JSON lines on stdout."""
+    die_with_parent()
+    job = json.loads(sys.stdin.readline())
+    if job.get("netns"):
+        enter(job["netns"])
+    try:
+        return _run(job)
+    except Exception as e:  # reported to the parent as one line; it decides what to do
+        _say(event="error", message=f"{type(e).__name__}: {e}")
+        return 1
+
+
+def _run(job: dict[str, Any]) -> int:
+    from edge.agent import run_loop
+    from edge.client import ClientConfig, PolicyClient
+    from splitedge.bundle import load_bundle
+
+    client = PolicyClient(
+        load_bundle(job["bundle"]),
+        ClientConfig(
+            server=job["server"],
+            mode=job["mode"],
+            backend=job.get("backend", "auto"),
+            rpc=job.get("rpc", "stream"),
+            deadline_s=job.get("deadline_s", 10.0),
+            client_id=job.get("client_id", ""),
+        ),
+    )
+    seed = int(job.get("seed", 0)) + 1000 * int(job.get("index", 0))
+    with client.connect():
+        if job.get("warmup"):
+            run_loop(client, job["warmup"], seed=seed + 999)
+        _say(event="ready")
+        if sys.stdin.readline().strip() != "go":
+            return 0  # the parent gave up on this cell
+        sampler = _start_sysmon(job.get("sysmon_s", 0.0))
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+
+        def step(i: int) -> None:
+            stamps.append(time.perf_counter() - t0)
+            _say(event="step")
+
+        records: list[Any] = []
+        if job.get("duration_s"):
+            while time.perf_counter() - t0 < job["duration_s"]:
+                records += run_loop(client, 20, seed=seed + len(records), on_step=step).records
+        else:
+            records = run_loop(client, job["steps"], seed=seed, on_step=step).records
+        seconds = time.perf_counter() - t0
+        extra: dict[str, Any] = {"t_s": stamps}
+        if sampler is not None:
+            sampler.stop()
+            extra["sysmon"] = [s.as_dict() for s in sampler.samples]
+            extra["sysmon_sources"] = sampler.sources
+    _say(
+        event="done",
+        records=[r.as_dict() for r in records],
+        seconds=seconds,
+        encoder=client.encoder_reason or "none (raw mode)",
+        extra=extra,
+    )
+    return 0
+
+
+def _start_sysmon(interval_s: float) -> Any:
+    if not interval_s:
+        return None
+    from edge.sysmon import Sampler
+
+    return Sampler(interval_s=interval_s).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Kernel link backends between a NamespacePair, and the automatic choice of backend.
+
+- `netem`: netem on both veth ends (delay, jitter, rate, queue limit); a byte-counting
+  proxy (no delay, no rate) in the edge namespace reads TCP segment counts.
+- `tbf`: tbf on both ends for the rate, a filler that keeps each bucket empty (tc.py),
+  and the userspace emulator (rate off) in the edge namespace for delay and jitter.
+- `proxy`: the userspace emulator alone, in the root namespace; needs no root.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from deploy.link import netns, tc
+from deploy.link.process import ProxyProcess, read_line
+from deploy.link.profiles import LinkProfile
+from splitedge.errors import SplitedgeError
+
+BACKENDS = ("netem", "tbf", "proxy")
+_FILLER_DEST = {"up": "10.231.9.9", "down": "10.231.8.8"}  # in netns.FILLER_NET_*
+
+
+@dataclass
+class BackendChoice:
+    """Which backend runs and why the better ones do not."""
+
+    name: str
+    reasons: list[str] = field(default_factory=list)  # one line per backend passed over
+
+    def describe(self) -> str:
+        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
+        return f"{self.name}{why}"
+
+
+def unavailable(backend: str) -> str:
+    """Why `backend` cannot run on this machine ('' when it can)."""
+    if backend == "proxy":
+        return ""
+    return netns.capability() or tc.missing(backend)
+
+
+def choose_backend(requested: str = "auto") -> BackendChoice:
+    """netem > tbf > proxy for 'auto'; a named backend that cannot run is a user error."""
+    if requested not in ("auto", *BACKENDS):
+        raise SplitedgeError(
+            f"unknown link backend '{requested}'; choose auto, {', '.join(BACKENDS)}"
+        )
+    if requested != "auto":
+        why = unavailable(requested)
+        if why:
+            raise SplitedgeError(
+                f"link backend '{requested}' cannot run here: {why}; try --link-backend auto"
+            )
+        return BackendChoice(requested)
+    reasons: list[str] = []
+    for name in BACKENDS:
+        why = unavailable(name)
+        if not why:
+            return BackendChoice(name, reasons)
+        reasons.append(f"not {name}: {why}")
+    raise AssertionError("the proxy backend is always available")
+
+
+class KernelLink:
+    """One link profile shaped by the kernel on the veth of a NamespacePair (a LinkEmulator)."""
+
+    def __init__(
+        self,
+        pair: netns.NamespacePair,
+        profile: LinkProfile,
+        backend: str,
+        port: int,
+        seed: int = 0,
+    ):
+        if backend not in ("tbf", "netem"):
+            raise ValueError(f"KernelLink backend must be tbf or netem, got {backend!r}")
+        self.pair, self.profile, self.backend = pair, profile, backend
+        self.netns = pair.edge
+        self._proxy = ProxyProcess(
+            profile,
+            (netns.SERVER_IP, port),
+            netns=pair.edge,
+            rate=False,
+            delay=backend == "tbf",  # netem delays in the kernel; the proxy only counts
+            seed=seed,
+            backend=backend,
+        )
+        self._filler: subprocess.Popen[str] | None = None
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT inside the edge namespace that leads to the server through the link."""
+        return self._proxy.address
+
+    def start(self) -> KernelLink:
+        """Shape both veth ends, start the filler (tbf) and the proxy; undo it all on failure."""
+        try:
+            p, pair = self.profile, self.pair
+            tc.shape(pair.edge, netns.EDGE_IF, self.backend, p.up_kbit, p)  # uplink leaves here
+            tc.shape(pair.server, netns.SERVER_IF, self.backend, p.down_kbit, p)
+            if self.backend == "tbf":
+                self._start_filler()
+            self._proxy.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start_filler(self) -> None:
+        specs = []
+        for ns, rate, direction in (
+            (self.pair.edge, self.profile.up_kbit, "up"),
+            (self.pair.server, self.profile.down_kbit, "down"),
+        ):
+            frame = tc.filler_frame_bytes(rate)
+            if frame is not None:
+                specs.append(f"{ns}:{_FILLER_DEST[direction]}:{frame}")
+        if not specs:
+            return
+        self._filler = subprocess.Popen(
+            [sys.executable, "-m", "deploy.link.filler", *specs],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._filler.stdout is not None
+        if read_line(self._filler.stdout, 30.0).strip() != "filling":
+            raise SplitedgeError("the tbf filler did not start; see `python -m deploy.link.filler`")
+
+    def stats(self) -> dict[str, Any]:
+        """Proxy counters; link_up/link_down are Ethernet frame bytes, what the qdiscs meter."""
+        return self._proxy.stats()
+
+    def close(self) -> None:
+        """Stop the proxy and filler and remove the qdiscs; safe to call twice."""
+        self._proxy.close()
+        filler, self._filler = self._filler, None
+        if filler is not None:
+            if filler.stdin is not None:
+                filler.stdin.close()
+            try:
+                filler.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                filler.kill()
+                filler.wait()
+            if filler.stdout is not None:
+                filler.stdout.close()
+        if self.pair.exists():
+            tc.unshape(self.pair.edge, netns.EDGE_IF)
+            tc.unshape(self.pair.server, netns.SERVER_IF)
+
+    def __enter__(self) -> KernelLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_link(
+    choice: str,
+    profile: LinkProfile,
+    server: tuple[str, int],
+    pair: netns.NamespacePair | None,
+    seed: int = 0,
+) -> KernelLink | ProxyProcess:
+    """A not yet started link of backend `choice` in front of the server at `server`."""
+    if choice == "proxy":
+        return ProxyProcess(profile, server, seed=seed)
+    if pair is None:
+        raise ValueError(f"the {choice} backend needs a NamespacePair")
+    return KernelLink(pair, profile, choice, server[1], seed=seed)
