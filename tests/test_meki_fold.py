@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.meki.data import DataConfig, split_documents
-from models.meki.export import quantize_rows, write_table
+from models.meki.export import merge_add_chains, quantize_rows, write_table
 from models.meki.fold import fold_run
 from models.meki.model import MeKiConfig, MeKiGPT
 from models.meki.train import CKPT, VAL_TOKENS, TrainConfig, load_checkpoint, save_checkpoint, train
@@ -129,6 +129,48 @@ def test_onnx_decoder_with_cache_matches_torch(trained_run):
     got = np.concatenate([rt.forward(ids[:30].tolist())] + [rt.forward([int(t)]) for t in ids[30:]])
     rt.close()
     assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_add_chains_merge_into_one_sum_with_the_same_values():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    vec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8]) for n in "abcde"]
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["ab"]),  # only read by the next Add: merged
+        helper.make_node("Add", ["ab", "c"], ["abc"]),
+        helper.make_node("Add", ["abc", "d"], ["abcd"]),  # abc has two readers: kept
+        helper.make_node("Mul", ["abc", "e"], ["m"]),
+        helper.make_node("Add", ["abcd", "m"], ["out"]),
+    ]
+    out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", vec, out), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    assert merge_add_chains(model.graph) == 2  # ab into abc, abcd into out
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Sum") == 2 and ops.count("Add") == 0
+    rng = np.random.default_rng(0)
+    x = {n: rng.normal(size=(1, 8)).astype(np.float32) for n in "abcde"}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    abc = x["a"] + x["b"] + x["c"]
+    np.testing.assert_array_equal(sess.run(None, x)[0], abc + x["d"] + abc * x["e"])
+
+
+def test_meki_decoder_residual_is_one_sum_per_layer(trained_run):
+    import onnx
+
+    out = trained_run / "bundle-fp32"
+    if not out.exists():
+        fold_run(trained_run / "run", out, dtype="fp32", val_tokens=1024)
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    sums = [n for n in graph.node if n.op_type == "Sum"]
+    assert len(sums) == 2  # x + FFN(h) + y in each of the two layers
+    assert (
+        json.loads((out / "manifest.json").read_text())["llm"]["decoder"]["add_chains_merged"] == 2
+    )
 
 
 def test_int8_rows_are_within_half_a_step(tmp_path):
