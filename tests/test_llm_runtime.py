@@ -259,3 +259,49 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
     assert not dense["after_all"]["torch_imported"] and not meki["after_all"]["torch_imported"]
     text = report.read_text()
     assert "splitedge llm bench" in text and "| both d_mem=8 |" in text
+
+
+def _fake(name: str, meki: str, d_model: int, gen_tps: float, ppl: float) -> dict:
+    config = dict(
+        meki=meki, d_mem=8, d_model=d_model, n_layer=2, n_head=2, ffn_hidden=32, vocab_size=300
+    )
+    return {"name": name, "llm": {"config": config}, "config": config}
+
+
+def test_each_meki_bundle_is_compared_with_the_dense_bundle_of_its_shape():
+    from edge.llm.bench import SHAPE_KEYS, baselines
+    from edge.llm.report import bars
+
+    specs = [  # name, meki, d_model, gen tok/s, ppl
+        ("dense-a", "off", 16, 1000.0, 50.0),
+        ("meki-a", "both", 16, 900.0, 45.0),
+        ("dense-b", "off", 32, 500.0, 40.0),
+        ("meki-b", "both", 32, 490.0, 41.0),
+        ("meki-c", "both", 64, 100.0, 30.0),  # no dense of its shape: falls back to bundle 0
+    ]
+    fakes = [_fake(*s[:3], s[3], s[4]) for s in specs]
+    base_of = baselines(fakes)
+    assert base_of == [0, 0, 2, 2, 0]
+    result = {
+        "perplexity_comparable": True,
+        "bundles": [
+            {
+                "name": name,
+                "meki": meki,
+                "shape": {k: f["config"][k] for k in SHAPE_KEYS},
+                "baseline": j,
+                "val_ppl": ppl,
+                "gen_tps": tps,
+                "gen_ratio": tps / specs[j][3],
+                "decoder_nodes": 10,
+            }
+            for (name, meki, _, tps, ppl), f, j in zip(specs, fakes, base_of, strict=True)
+        ],
+    }
+    got = {c["bundle"]: c for c in bars(result)}
+    assert set(got) == {"meki-a", "meki-b"}  # meki-c has no dense bundle of its shape
+    assert got["meki-a"]["dense"] == "dense-a" and got["meki-b"]["dense"] == "dense-b"
+    assert got["meki-a"]["gen_ratio"] == 0.9 and not got["meki-a"]["gen_ratio>=0.97"]
+    assert got["meki-b"]["gen_ratio"] == 0.98 and got["meki-b"]["gen_ratio>=0.97"]
+    assert got["meki-a"]["ppl_lower_than_dense"] and not got["meki-b"]["ppl_lower_than_dense"]
+    assert got["meki-b"]["extra_us_per_token"] == round(1e6 / 490 - 1e6 / 500, 1)

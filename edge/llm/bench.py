@@ -91,7 +91,7 @@ def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
 
 
 def run_bench(bundles: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    """Benchmark bundles side by side; ratios are against bundles[0]."""
+    """Benchmark bundles side by side; ratios are against the first dense bundle of the same shape."""
     from splitedge.bundle import load_bundle
 
     manifests = [load_bundle(b).manifest for b in bundles]
@@ -118,6 +118,19 @@ def run_bench(bundles: list[str], cfg: BenchConfig) -> dict[str, Any]:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
+
+
+SHAPE_KEYS = ("d_model", "n_layer", "n_head", "ffn_hidden", "vocab_size")
+
+
+def baselines(manifests: list[dict[str, Any]]) -> list[int]:
+    """Index each bundle is compared with: the first dense bundle of its shape, else bundle 0."""
+    shapes = [tuple(m["llm"]["config"][k] for k in SHAPE_KEYS) for m in manifests]
+    dense: dict[tuple[Any, ...], int] = {}
+    for i, (shape, m) in enumerate(zip(shapes, manifests, strict=True)):
+        if m["llm"]["config"]["meki"] == "off":
+            dense.setdefault(shape, i)
+    return [dense.get(shape, 0) for shape in shapes]
 
 
 def _ask(worker: Any, cmd: str, payload: Any = None) -> dict[str, Any]:
@@ -151,9 +164,11 @@ def _measure(
     final_memory = [_ask(w, "memory") for w in workers]
     timed = rounds[1:]
     results = []
+    base_of = baselines(manifests)
     for i, (b, m) in enumerate(zip(bundles, manifests, strict=True)):
         llm = m["llm"]
         gen = [rd[i]["gen_tps"] for rd in timed]
+        j = base_of[i]
         results.append(
             {
                 "bundle": b,
@@ -161,19 +176,17 @@ def _measure(
                 "meki": llm["config"]["meki"],
                 "d_mem": llm["config"]["d_mem"] if llm["config"]["meki"] != "off" else 0,
                 "table_dtype": llm["table"]["dtype"] if llm.get("table") else None,
-                "shape": {
-                    k: llm["config"][k]
-                    for k in ("d_model", "n_layer", "n_head", "ffn_hidden", "vocab_size")
-                },
+                "shape": {k: llm["config"][k] for k in SHAPE_KEYS},
                 "decoder_nodes": llm["decoder"].get("nodes"),
                 "val_ppl": scores[i]["val_ppl"],
                 "val_tokens": scores[i]["val_tokens"],
                 "prompt_tps": statistics.median(rd[i]["prompt_tps"] for rd in timed),
                 "gen_tps": statistics.median(gen),
                 "gen_tps_min_max": [min(gen), max(gen)],
-                "gen_ratio": statistics.median(rd[i]["gen_tps"] / rd[0]["gen_tps"] for rd in timed),
+                "baseline": j,
+                "gen_ratio": statistics.median(rd[i]["gen_tps"] / rd[j]["gen_tps"] for rd in timed),
                 "prompt_ratio": statistics.median(
-                    rd[i]["prompt_tps"] / rd[0]["prompt_tps"] for rd in timed
+                    rd[i]["prompt_tps"] / rd[j]["prompt_tps"] for rd in timed
                 ),
                 "rss_loaded": hello[i]["rss_loaded"],
                 "after_first_generation": memory_after_first[i],
