@@ -253,6 +253,7 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     dense, meki = result["bundles"]
     assert dense["gen_ratio"] == 1.0 and meki["gen_ratio"] > 0
+    assert dense["gen_ratio_cpu"] == 1.0 and meki["gen_ratio_cpu"] > 0
     assert result["perplexity_comparable"] is True  # both runs share one (deterministic) tokenizer
     assert dense["val_tokens"] == meki["val_tokens"] == 96
     assert meki["after_first_generation"]["table_bytes_read"] == (4 + 7) * 2 * 8 * 4
@@ -293,6 +294,7 @@ def test_each_meki_bundle_is_compared_with_the_dense_bundle_of_its_shape():
                 "val_ppl": ppl,
                 "gen_tps": tps,
                 "gen_ratio": tps / specs[j][3],
+                "gen_ratio_cpu": tps / specs[j][3],
                 "decoder_nodes": 10,
             }
             for (name, meki, _, tps, ppl), f, j in zip(specs, fakes, base_of, strict=True)

@@ -69,7 +69,12 @@ def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
             prompt, n, seed = payload
             gen = rt.generate_ids(prompt, n, Sampler(), seed=seed, stop_at_eot=False)
             conn.send(
-                {"prompt_tps": gen.prompt_tps, "gen_tps": gen.gen_tps, "new_tokens": len(gen.ids)}
+                {
+                    "prompt_tps": gen.prompt_tps,
+                    "gen_tps": gen.gen_tps,
+                    "gen_tps_cpu": gen.gen_tps_cpu,
+                    "new_tokens": len(gen.ids),
+                }
             )
         elif cmd == "score":
             conn.send(rt.score(payload))
@@ -185,6 +190,11 @@ def _measure(
                 "gen_tps_min_max": [min(gen), max(gen)],
                 "baseline": j,
                 "gen_ratio": statistics.median(rd[i]["gen_tps"] / rd[j]["gen_tps"] for rd in timed),
+                "gen_tps_cpu": statistics.median(rd[i]["gen_tps_cpu"] for rd in timed),
+                "gen_ratio_cpu": statistics.median(
+                    rd[i]["gen_tps_cpu"] / rd[j]["gen_tps_cpu"] if rd[j]["gen_tps_cpu"] else 0.0
+                    for rd in timed
+                ),
                 "prompt_ratio": statistics.median(
                     rd[i]["prompt_tps"] / rd[j]["prompt_tps"] for rd in timed
                 ),

@@ -33,6 +33,7 @@ class Generation:
     ids: list[int] = field(default_factory=list)
     prompt_seconds: float = 0.0
     gen_seconds: float = 0.0
+    gen_cpu_seconds: float = 0.0  # this process's CPU time over the same span (time.process_time)
 
     @property
     def prompt_tps(self) -> float:
@@ -44,6 +45,15 @@ class Generation:
         return (
             (len(self.ids) - 1) / self.gen_seconds
             if self.gen_seconds and len(self.ids) > 1
+            else 0.0
+        )
+
+    @property
+    def gen_tps_cpu(self) -> float:
+        """As gen_tps, per second of this process's CPU time: blind to time other processes take."""
+        return (
+            (len(self.ids) - 1) / self.gen_cpu_seconds
+            if self.gen_cpu_seconds and len(self.ids) > 1
             else 0.0
         )
 
@@ -225,13 +235,14 @@ class LlmRuntime:
         rows = self.table.rows(np.asarray(gen.prompt_ids)) if self.table is not None else None
         logits = self.forward(gen.prompt_ids, rows)[-1]  # prompt rows were fetched before prefill
         gen.prompt_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(max_new_tokens):
             token = sampler(logits, rng)
             if self.table is not None:
                 self.table.prefetch(token)  # start the flash read while the caller emits text
             gen.ids.append(token)
             gen.gen_seconds = time.perf_counter() - t0
+            gen.gen_cpu_seconds = time.process_time() - c0
             yield token
             if (stop_at_eot and token == self.eot_id) or i == max_new_tokens - 1:
                 break
