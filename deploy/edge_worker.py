@@ -11,6 +11,7 @@ temperatures and throttling (edge.sysmon) while it runs.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -26,6 +27,7 @@ def _say(**event: Any) -> None:
 def main() -> int:
     """Run the job read from stdin; report by JSON lines on stdout."""
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     job = json.loads(sys.stdin.readline())
     if job.get("netns"):
         enter(job["netns"])

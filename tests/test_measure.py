@@ -100,3 +100,38 @@ def test_measure_refuses_bad_input(
         == 2
     )
     assert "unknown mode(s) carrier-pigeon" in capsys.readouterr().err
+
+
+ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo" / "cartpole-ppo"
+
+
+def test_measure_concurrent_clients_proxy_backend(tmp_path: Path, links_file: Path) -> None:
+    out = tmp_path / "m"
+    argv = ["measure", "--bundle", str(ZOO), "--links", "slow", "--modes", "split",
+            "--steps", "12", "--warmup", "2", "--clients", "1,4", "--link-backend", "proxy",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["link_backend"] == "proxy"
+    rows = {r["clients"]: r for r in doc["rows"]}
+    assert set(rows) == {1, 4}
+    assert rows[1]["steps"] == 12 and rows[4]["steps"] == 4 * 10  # at least 10 each
+    for n, row in rows.items():
+        assert row["fallbacks"] == 0
+        assert row["server_cpu_ms"] > 0
+        # a closed loop can never beat one decision per round trip per client
+        assert row["decisions_s"] <= n * 1000.0 / 30.0
+        assert row["p50_ms"] >= 30.0 + row["up_B"] * 8 / 500 - 0.5
+    # Four clients share the 500 kbit/s uplink: at most 4x the link's one-client rate.
+    assert rows[4]["decisions_s"] > 1.5 * rows[1]["decisions_s"]
+    assert "x4" in " ".join(doc["latencies_ms"])
+    assert (out / "p50_vs_bound.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_measure_refuses_lora_with_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["measure", "--bundle", str(ZOO), "--links", "dsl,lora", "--out", "/nonexistent"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "link 'lora' cannot carry a feature tensor per step" in err
+    assert "1% duty cycle" in err

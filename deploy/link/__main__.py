@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"listening {proxy.address}", flush=True)
         if args.control:
             die_with_parent()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
             threading.Thread(target=_serve_control, args=(proxy, stop), daemon=True).start()
         while not stop.wait(0.5):
             pass

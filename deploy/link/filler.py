@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     specs = [a.split(":") for a in (sys.argv[1:] if argv is None else argv)]
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threads = [
         threading.Thread(target=fill, args=(ns, dest, int(n), stop), daemon=True)
         for ns, dest, n in specs

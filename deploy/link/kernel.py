@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class KernelLink:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, "SPLITEDGE_OWNER": str(os.getpid())},
         )
         assert self._filler.stdout is not None
         if read_line(self._filler.stdout, 30.0).strip() != "filling":

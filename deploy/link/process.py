@@ -95,9 +95,12 @@ class ProxyProcess:
         if proc is None or proc.stdin is None or proc.stdout is None:
             raise RuntimeError("ProxyProcess is not started")
         with self._lock:
-            proc.stdin.write("stats\n")
-            proc.stdin.flush()
-            line = read_line(proc.stdout, 10.0)
+            try:
+                proc.stdin.write("stats\n")
+                proc.stdin.flush()
+                line = read_line(proc.stdout, 10.0)
+            except (BrokenPipeError, ValueError):
+                line = ""
         if not line:
             raise SplitedgeError(f"link emulator for '{self.profile.name}' stopped answering")
         s: dict[str, Any] = json.loads(line)

@@ -1,0 +1,86 @@
+"""`splitedge soak`: drift analysis against hand-computed references, and a short real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.clients import ClientResult
+from deploy.soak import analyse, slope_per_min
+from edge.telemetry import StepRecord
+from splitedge.cli import main
+
+
+def _record(i: int, total_ms: float, fallback: bool = False) -> StepRecord:
+    return StepRecord(i, 0.1, total_ms, 0.0, 0.1, total_ms, 91, 40, fallback)
+
+
+def _synthetic(seconds: float, rate_hz: float, latency: callable, rss: callable) -> ClientResult:
+    t = np.arange(0.0, seconds, 1.0 / rate_hz)
+    samples = [
+        {"t_s": s, "cpu_pct": 50.0, "system_cpu_pct": 30.0, "rss_mb": rss(s),
+         "temps_c": {"cpu": 40.0 + s / 60}, "throttled": None}
+        for s in np.arange(0.5, seconds, 0.5)
+    ]  # fmt: skip
+    return ClientResult(
+        records=[_record(i, latency(x)) for i, x in enumerate(t)],
+        seconds=seconds,
+        encoder="ort",
+        extra={"t_s": t.tolist(), "sysmon": samples, "sysmon_sources": ["psutil"]},
+    )
+
+
+def test_steady_run_shows_no_drift() -> None:
+    doc = analyse(_synthetic(60.0, 20.0, lambda t: 10.0, lambda t: 100.0), windows=4)
+    for w in doc["windows"]:
+        assert w["decisions_s"] == pytest.approx(20.0, abs=0.1)
+        assert w["p50_ms"] == pytest.approx(10.0)
+        assert w["rss_mb"] == pytest.approx(100.0)
+    assert not any(d["drifts"] for d in doc["drift"] if d["metric"] != "temp_c")
+    assert doc["decisions"] == 1200
+
+
+def test_growing_latency_and_rss_are_flagged_with_their_slope() -> None:
+    # latency 10 ms + 6 ms per minute, RSS 100 MB + 30 MB per minute, over 2 minutes
+    doc = analyse(
+        _synthetic(120.0, 10.0, lambda t: 10 + 0.1 * t, lambda t: 100 + 0.5 * t), windows=4
+    )
+    drift = {d["metric"]: d for d in doc["drift"]}
+    assert drift["p50_ms"]["drifts"] and drift["rss_mb"]["drifts"]
+    assert not drift["decisions_s"]["drifts"]
+    assert drift["p50_ms"]["slope_per_min"] == pytest.approx(6.0, rel=0.02)
+    assert drift["rss_mb"]["slope_per_min"] == pytest.approx(30.0, rel=0.02)
+    # window medians: the latency at each window's middle (15, 45, 75, 105 s)
+    assert [w["p50_ms"] for w in doc["windows"]] == pytest.approx([11.5, 14.5, 17.5, 20.5], abs=0.1)
+
+
+def test_slope_of_a_line_and_of_too_little_data() -> None:
+    t = np.array([0.0, 60.0, 120.0])
+    assert slope_per_min(t, 3.0 * t / 60.0 + 1.0) == pytest.approx(3.0)
+    assert np.isnan(slope_per_min(np.array([1.0]), np.array([2.0])))
+
+
+ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo" / "cartpole-ppo"
+
+
+def test_soak_command_runs_and_samples_every_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "soak"
+    argv = ["soak", "--minutes", "0.1", "--bundle", str(ZOO), "--link", "wifi", "--windows",
+            "2", "--link-backend", "proxy", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "soak.json").read_text())
+    assert doc["seconds"] >= 6.0
+    # the per-window rates times the window lengths count every decision exactly once
+    counted = sum(w["decisions_s"] * (w["to_s"] - w["from_s"]) for w in doc["windows"])
+    assert counted == pytest.approx(doc["decisions"], abs=1.0)
+    assert doc["decisions"] > 10
+    assert abs(len(doc["samples"]) - doc["seconds"] / 0.5) <= 3  # a sample every 0.5 s
+    assert all(s["rss_mb"] > 10 for s in doc["samples"])
+    assert {d["metric"] for d in doc["drift"]} >= {"decisions_s", "p50_ms", "rss_mb"}
+    assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
+    assert "first window vs last" in capsys.readouterr().out
