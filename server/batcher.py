@@ -46,12 +46,14 @@ class DynamicBatcher:
         max_batch: int = 64,
         max_delay_s: float = 0.0,
         name: str = "batcher",
+        on_batch: Callable[[int, float], None] | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not max_delay_s >= 0:
             raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
         self._run_batch = run_batch
+        self._on_batch = on_batch  # (batch size, seconds) after every model call, e.g. metrics
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -156,15 +158,21 @@ class DynamicBatcher:
 
     def _call(self, samples: list[np.ndarray]) -> np.ndarray:
         x = np.stack(samples)  # (B, ...)
+        t0 = time.perf_counter()
         try:
             out = np.asarray(self._run_batch(x))  # (B, ...)
         finally:
-            self._count(len(samples))
+            self._count(len(samples), time.perf_counter() - t0)
         if out.ndim == 0 or out.shape[0] != len(samples):
             raise ValueError(f"run_batch returned shape {out.shape} for a batch of {len(samples)}")
         return out
 
-    def _count(self, size: int) -> None:
+    def _count(self, size: int, seconds: float) -> None:
         self.batches += 1
         self.samples += size
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+        if self._on_batch is not None:
+            try:
+                self._on_batch(size, seconds)
+            except Exception:  # an observer's bug must not fail the callers' requests
+                log.exception("on_batch observer failed")

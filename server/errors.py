@@ -14,6 +14,7 @@ class Kind(str, Enum):
     )
     DEADLINE = "deadline"  # the client's deadline passed while the request waited
     UNAVAILABLE = "unavailable"  # the server is shutting down
+    UNAUTHENTICATED = "unauthenticated"  # no bearer token, or one no device owns
     INTERNAL = "internal"  # a bug or a model failure on our side
 
 

@@ -1,13 +1,20 @@
-"""PolicyServicer: a thin gRPC translator over sessions, validation, the batchers and the models."""
+"""PolicyServicer: a thin grpc.aio translator over sessions, validation, the batchers and the models.
+
+The plain functions `hello`, `prepare` and `answer` do the work; `decide` chains them for
+blocking callers, and the async RPC methods await the batcher's future on the event loop,
+so an open ActStream costs no thread and thousands of devices can hold one.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import grpc
@@ -15,11 +22,12 @@ import numpy as np
 
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
-from server.batcher import DynamicBatcher
+from server.batcher import DynamicBatcher, Result
 from server.config import ServerConfig
 from server.errors import Kind, RequestError
+from server.metrics import Metrics
 from server.models import PolicyModels, Spec
-from server.sessions import Sessions
+from server.sessions import Sessions, bundle_key
 from server.status import code_for
 from server.validation import (
     DTYPE_NAMES,
@@ -31,6 +39,7 @@ from server.validation import (
 
 log = logging.getLogger(__name__)
 UINT32_MAX = 2**32 - 1
+DRAINING = "server is shutting down; reconnect (another replica will answer)"
 
 
 def tensor_spec(spec: Spec) -> pb.TensorSpec:
@@ -101,15 +110,31 @@ class PolicyServicer(pb_grpc.PolicyServicer):
 
     def __init__(self, models: PolicyModels, cfg: ServerConfig):
         self.models, self.cfg = models, cfg
-        self.sessions = Sessions(cfg.max_sessions)
+        self.sessions = Sessions(
+            bundle_key(models.name, models.version, models.digest), cfg.max_sessions
+        )
+        self.metrics = Metrics()
+        self.metrics.describe_bundle(models.name, models.version, models.digest)
+        self.metrics.count_sessions_with(self.sessions.active)
         delay = cfg.max_delay_ms / 1e3
         # one batcher per model: a batch must be all features or all frames
-        self.head = DynamicBatcher(models.head, cfg.max_batch, delay, name="batcher-head")
-        self.full = DynamicBatcher(models.full, cfg.max_batch, delay, name="batcher-full")
+        self.head = DynamicBatcher(
+            models.head, cfg.max_batch, delay, "batcher-head", self.metrics.batch_observer("head")
+        )
+        self.full = DynamicBatcher(
+            models.full, cfg.max_batch, delay, "batcher-full", self.metrics.batch_observer("full")
+        )
+        self._queue_seconds = {
+            id(b): self.metrics.queue_seconds.labels(name)
+            for b, name in ((self.head, "head"), (self.full, "full"))
+        }
+        self._decoders: ThreadPoolExecutor | None = None  # PNG/JPEG decoding off the event loop
         self._lock = threading.Lock()
         self._decisions = 0
         self._errors: Counter[str] = Counter()
         self._started, self._cpu0 = time.monotonic(), time.process_time()
+        self._draining = False
+        self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a request
 
     @classmethod
     def from_config(cls, cfg: ServerConfig) -> PolicyServicer:
@@ -137,8 +162,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             action_spec=tensor_spec(m.action),
         )
 
-    def decide(self, request: pb.ActRequest, time_remaining: float | None = None) -> pb.ActReply:
-        """Validate one request, run it through its batcher and build the reply."""
+    def validate(self, request: pb.ActRequest) -> tuple[DynamicBatcher, np.ndarray, float]:
+        """Check a request against its session: (batcher, model sample, decode seconds)."""
         session = self.sessions.get(request.session_id)
         if not request.HasField("input"):
             raise RequestError(Kind.INVALID, "request has no input tensor")
@@ -147,21 +172,21 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             sample, batcher = observation_sample(request.input, self.models.observation), self.full
         else:
             sample, batcher = features_sample(request.input, self.models.features), self.head
-        decode_s = time.perf_counter() - t0  # PNG/JPEG decoding counts as compute (see the proto)
+        return batcher, sample, time.perf_counter() - t0  # decoding counts as compute (proto)
+
+    def submit(self, batcher: DynamicBatcher, sample: np.ndarray) -> Future[Result]:
+        """Queue one sample on its batcher (UNAVAILABLE once the server is closing)."""
         try:
-            future = batcher.submit(sample)
+            return batcher.submit(sample)
         except RuntimeError as e:
-            raise RequestError(Kind.UNAVAILABLE, "server is shutting down; retry elsewhere") from e
-        try:
-            row, queue_s, compute_s = future.result(timeout=_wait_limit(time_remaining))
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise RequestError(
-                Kind.DEADLINE, "deadline passed while waiting for the model"
-            ) from None
-        except Exception as e:
-            log.exception("model call failed")
-            raise RequestError(Kind.INTERNAL, f"model failed on this input: {e}") from e
+            raise RequestError(Kind.UNAVAILABLE, DRAINING) from e
+
+    def answer(
+        self, request: pb.ActRequest, batcher: DynamicBatcher, result: Result, decode_s: float
+    ) -> pb.ActReply:
+        """The reply for a request whose batch came back."""
+        row, queue_s, compute_s = result
+        self._queue_seconds[id(batcher)].observe(queue_s)
         with self._lock:
             self._decisions += 1
         return pb.ActReply(
@@ -171,33 +196,102 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             compute_us=_micros(compute_s + decode_s),
         )
 
-    # -- gRPC methods -----------------------------------------------------------------------
-    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:  # noqa: N802
+    def decide(self, request: pb.ActRequest, time_remaining: float | None = None) -> pb.ActReply:
+        """Validate one request, run it through its batcher and build the reply (blocking)."""
+        batcher, sample, decode_s = self.validate(request)
+        future = self.submit(batcher, sample)
         try:
-            return self.hello(request)
+            result = future.result(timeout=_wait_limit(time_remaining))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RequestError(
+                Kind.DEADLINE, "deadline passed while waiting for the model"
+            ) from None
         except Exception as e:
-            self._refuse(context, e)
+            log.exception("model call failed")
+            raise RequestError(Kind.INTERNAL, f"model failed on this input: {e}") from e
+        return self.answer(request, batcher, result, decode_s)
 
-    def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:  # noqa: N802
+    async def decide_async(self, request: pb.ActRequest) -> pb.ActReply:
+        """decide() for the event loop: frames decode on a worker thread, the model is awaited.
+
+        A passed deadline cancels the calling task; cancelling the await also cancels the
+        batcher's future, so the batch skips it.
+        """
+        if request.input.codec == pb.CODEC_NONE:
+            batcher, sample, decode_s = self.validate(request)
+        else:
+            loop = asyncio.get_running_loop()
+            batcher, sample, decode_s = await loop.run_in_executor(
+                self._decoder_pool(), self.validate, request
+            )
+        future = self.submit(batcher, sample)
         try:
-            return self.decide(request, context.time_remaining())
+            result = await asyncio.wrap_future(future)
         except Exception as e:
-            self._refuse(context, e)
+            log.exception("model call failed")
+            raise RequestError(Kind.INTERNAL, f"model failed on this input: {e}") from e
+        return self.answer(request, batcher, result, decode_s)
 
-    def ActStream(
-        self,
-        request_iterator: Iterator[pb.ActRequest],  # noqa: N802
-        context: grpc.ServicerContext,
-    ) -> Iterator[pb.ActReply]:
-        # A bad message ends this stream with its status; other streams never notice.
-        for request in request_iterator:
-            try:
-                reply = self.decide(request, context.time_remaining())
-            except Exception as e:
-                self._refuse(context, e)
-            yield reply
+    def _decoder_pool(self) -> ThreadPoolExecutor:
+        if self._decoders is None:
+            self._decoders = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="decode")
+        return self._decoders
 
-    def _refuse(self, context: grpc.ServicerContext, error: Exception) -> NoReturn:
+    # -- gRPC methods (grpc.aio) --------------------------------------------------------------
+    async def Hello(
+        self, request: pb.HelloRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HelloReply:  # noqa: N802
+        try:
+            reply = self.hello(request)
+        except Exception as e:
+            await self._refuse(context, e, "Hello")
+        self.metrics.answered("Hello")
+        return reply
+
+    async def Act(self, request: pb.ActRequest, context: grpc.aio.ServicerContext) -> pb.ActReply:  # noqa: N802
+        try:
+            reply = await self.decide_async(request)
+        except Exception as e:
+            await self._refuse(context, e, "Act")
+        self.metrics.answered("Act")
+        return reply
+
+    async def ActStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        # One request at a time; a bad message ends this stream with its status, other
+        # streams never notice. While draining, a stream ends (UNAVAILABLE) as soon as it has
+        # no request in flight, so shutdown need not wait out the grace period on idle streams.
+        task = asyncio.current_task()
+        assert task is not None
+        self.metrics.open_streams.inc()
+        try:
+            while not self._draining:
+                self._idle_streams.add(task)
+                try:
+                    request = await context.read()
+                except asyncio.CancelledError:
+                    if not self._draining:
+                        raise  # the client went away or its deadline passed
+                    break
+                finally:
+                    self._idle_streams.discard(task)
+                if request is grpc.aio.EOF:
+                    return
+                try:
+                    reply = await self.decide_async(request)
+                except Exception as e:
+                    await self._refuse(context, e, "ActStream")
+                self.metrics.answered("ActStream")
+                await context.write(reply)
+            await self._refuse(context, RequestError(Kind.UNAVAILABLE, DRAINING), "ActStream")
+        finally:
+            self.metrics.open_streams.dec()
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, error: Exception, method: str
+    ) -> NoReturn:
         if not isinstance(error, RequestError):  # a bug of ours: say so, keep serving
             log.error("request failed", exc_info=error)
             error = RequestError(
@@ -206,10 +300,24 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         code = code_for(error.kind)
         with self._lock:
             self._errors[code.name] += 1
-        context.abort(code, error.message)
+        self.metrics.answered(method, code.name)
+        await context.abort(code, error.message)
         raise AssertionError("context.abort returned")  # it raises; this keeps the types honest
 
     # -- lifecycle and counters -------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Stop keeping streams open: idle ones end now, busy ones after their current reply.
+
+        Call it on the event loop thread (it cancels the idle streams' reads)."""
+        self._draining = True
+        self.metrics.serving.set(0)
+        for task in list(self._idle_streams):
+            task.cancel()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def stats(self) -> dict[str, Any]:
         """Decisions, refusals by status code, and this process's CPU seconds since start.
 
@@ -228,12 +336,16 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             "cpu_s_per_decision": cpu / decisions if decisions else None,
             "uptime_s": time.monotonic() - self._started,
             "sessions": len(self.sessions),
+            "sessions_adopted": self.sessions.adopted,
             "head_batches": self.head.stats(),
             "full_batches": self.full.stats(),
             "config": self.cfg.to_dict(),
         }
 
     def close(self) -> None:
-        """Answer what is queued, then stop the batcher threads."""
+        """Answer what is queued, then stop the batcher and decoder threads and the metrics endpoint."""
         self.head.close()
         self.full.close()
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=True)
+        self.metrics.close()

@@ -11,11 +11,16 @@ CODES: dict[Kind, grpc.StatusCode] = {
     Kind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Kind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
     Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-# Not ours to choose: a request over ServerConfig.max_message_bytes is refused by gRPC itself
-# with RESOURCE_EXHAUSTED before any handler runs; that is a clear status, so we keep it.
+# Not ours to choose:
+# - a request over ServerConfig.max_message_bytes is refused by gRPC itself with
+#   RESOURCE_EXHAUSTED before any handler runs; that is a clear status, so we keep it.
+# - a failed TLS handshake (a plaintext client, no client certificate under mTLS, a
+#   certificate from another CA) ends the connection before any RPC exists, so the client's
+#   gRPC reports UNAVAILABLE; a bad or missing bearer token is ours: UNAUTHENTICATED.
 
 
 def code_for(kind: Kind) -> grpc.StatusCode:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
-from server.app import create_server
+from server.app import PolicyServer, create_server
 from server.config import ServerConfig
 from server.servicer import PolicyServicer
 from tests.conftest import ZOO_BUNDLE
@@ -33,7 +33,7 @@ class Served:
     """A running in-process server, its servicer, a channel to it and the bundle's facts."""
 
     servicer: PolicyServicer
-    server: grpc.Server
+    server: PolicyServer
     port: int
     channel: grpc.Channel
     stub: pb_grpc.PolicyStub
@@ -63,6 +63,7 @@ def start(bundle: Path, **cfg: Any) -> Served:
 def stop(s: Served) -> None:
     s.channel.close()
     s.server.stop(0).wait()
+    s.server.close()
     s.servicer.close()
 
 
@@ -163,7 +164,7 @@ def env_frames(n: int, seed: int = 0) -> np.ndarray:
 def test_hello_returns_the_bundle_and_its_specs(served: Served) -> None:
     r = served.stub.Hello(hello_request(served), timeout=T)
     m, out = served.manifest, served.out
-    assert 0 < r.session_id < 2**32
+    assert 0 < r.session_id < 2**35  # a varint of at most 5 bytes
     assert (r.bundle_name, r.bundle_version) == (m["name"], m["version"])
     assert r.encoder_digest == m["policy"]["encoder"]["digest"]
     assert list(r.feature_spec.shape) == out["shape"] and r.feature_spec.dtype == pb.UINT8

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import serve
+from server.app import PolicyServer, serve
 from server.config import ServerConfig
 from splitedge.errors import SplitedgeError
 from tests.conftest import ROOT
@@ -36,8 +36,8 @@ def test_serve_runs_until_stopped_then_returns_zero(tiny_bundle: Path) -> None:
     ports: list[int] = []
     result: list[int] = []
 
-    def on_ready(servicer: object, port: int) -> None:
-        ports.append(port)
+    def on_ready(servicer: object, server: PolicyServer) -> None:
+        ports.append(server.port)
         ready.set()
 
     th = threading.Thread(

@@ -42,13 +42,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=32,
-        help="gRPC threads: concurrent calls and open streams (default: %(default)s)",
+        help="threads decoding PNG/JPEG frames; calls and streams need none (default: %(default)s)",
     )
     p.add_argument(
         "--grace-s",
         type=float,
         default=5.0,
         help="time in-flight calls get to finish on shutdown (default: %(default)s)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="PEM server certificate chain: serve over TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--client-ca",
+        type=Path,
+        help="PEM CA that signed the device certificates: mutual TLS (needs --tls-cert)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        help="per-device bearer tokens file (from `splitedge certs`): calls need a valid one",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; default: off)",
     )
     p.add_argument("--json", action="store_true", help="print the startup line as JSON")
     p.set_defaults(func=run)
@@ -68,12 +86,21 @@ def run(args: argparse.Namespace) -> int:
             max_delay_ms=args.max_delay_ms,
             workers=args.workers,
             grace_s=args.grace_s,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            client_ca=args.client_ca,
+            tokens=args.tokens,
+            metrics_port=args.metrics_port,
         )
     except ValueError as e:
         raise SplitedgeError(f"bad server option: {e}") from e
 
-    def ready(servicer: Any, port: int) -> None:
-        m = servicer.models
+    def ready(servicer: Any, server: Any) -> None:
+        m, port = servicer.models, server.port
+        security = "mtls" if cfg.client_ca else "tls" if cfg.tls else "plaintext"
+        metrics = (
+            f"http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else None
+        )
         result = {
             "name": m.name,
             "version": m.version,
@@ -83,12 +110,19 @@ def run(args: argparse.Namespace) -> int:
             "address": f"{cfg.host}:{port}",
             "health": True,
             "reflection": True,
+            "security": security,
+            "tokens": cfg.tokens is not None,
+            "metrics": metrics,
         }
+        extras = [security.upper()] if security != "plaintext" else []
+        extras += ["device tokens"] if cfg.tokens is not None else []
+        extras += [f"metrics {metrics}"] if metrics else []
         emit(
             result,
             args.json,
             f"serving {m.name} {m.version} (encoder {m.digest[:12]}) on "
-            f"{cfg.host}:{port} — health and reflection on",
+            f"{cfg.host}:{port} — health and reflection on"
+            + (f"; {', '.join(extras)}" if extras else ""),
         )
         sys.stdout.flush()  # whoever started us may be waiting for this line on a pipe
 
