@@ -76,6 +76,29 @@ def test_greedy_and_bad_settings():
             Sampler(**bad)  # type: ignore[arg-type]
 
 
+def test_prefetch_advises_each_page_once_until_the_cache_is_dropped(tmp_path):
+    import mmap
+
+    from models.meki.export import write_table
+
+    table = np.zeros((200, 3, 8), dtype=np.float32)  # 96-byte records, 19200 bytes
+    mt = MemoryTable(tmp_path / "t.bin", write_table(table, tmp_path / "t.bin", "float32"))
+    tokens = [3, 3, 42, 5, 150, 42, 199, 0]
+    advised: set[int] = set()
+    calls = 0
+    for t in tokens:  # reference: the pages a record spans, advised when any is new
+        pages = set(range(96 * t // mmap.PAGESIZE, (96 * t + 95) // mmap.PAGESIZE + 1))
+        calls += not pages <= advised
+        advised |= pages
+    for t in tokens:
+        mt.prefetch(t)
+    assert mt.advice_calls == calls
+    mt.drop_cache()
+    mt.prefetch(3)
+    assert mt.advice_calls == calls + 1
+    mt.close()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_table_rows_and_read_accounting(tmp_path, dtype):
     from models.meki.export import quantize_rows, write_table

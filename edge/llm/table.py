@@ -53,6 +53,10 @@ class MemoryTable:
         self._records = np.frombuffer(self._mm, dtype=self.record)  # a view: nothing is read yet
         self.bytes_read = 0
         self.rows_read = 0
+        # pages already advised WILLNEED: asking again is a wasted syscall per token (a page
+        # evicted since then is simply read on demand, as without the advice)
+        self._advised = bytearray(-(-size // mmap.PAGESIZE))
+        self.advice_calls = 0
 
     @property
     def size_bytes(self) -> int:
@@ -63,8 +67,13 @@ class MemoryTable:
         if not hasattr(mmap, "MADV_WILLNEED"):
             return
         start = token * self.record.itemsize
-        page = start - start % mmap.PAGESIZE
+        first, last = start // mmap.PAGESIZE, (start + self.record.itemsize - 1) // mmap.PAGESIZE
+        if all(self._advised[first : last + 1]):
+            return
+        page = first * mmap.PAGESIZE
         self._mm.madvise(mmap.MADV_WILLNEED, page, start + self.record.itemsize - page)
+        self._advised[first : last + 1] = b"\x01" * (last + 1 - first)
+        self.advice_calls += 1
 
     def rows(self, tokens: np.ndarray) -> np.ndarray:
         """float32 rows (L, T, d_mem) for token ids (T,): layer-major so each layer's slice is contiguous."""
@@ -108,6 +117,7 @@ class MemoryTable:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+        self._advised[:] = bytes(len(self._advised))  # evicted: advise again on next use
         return True
 
     def resident_bytes(self) -> int | None:
