@@ -277,6 +277,7 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
     dense, meki = result["bundles"]
     assert dense["gen_ratio"] == 1.0 and meki["gen_ratio"] > 0
     assert dense["gen_ratio_cpu"] == 1.0 and meki["gen_ratio_cpu"] > 0
+    assert meki["optimized_ops"] - dense["optimized_ops"] == 2 * 4  # sigmoid, add, W_out, norm
     assert result["perplexity_comparable"] is True  # both runs share one (deterministic) tokenizer
     assert dense["val_tokens"] == meki["val_tokens"] == 96
     assert meki["after_first_generation"]["table_bytes_read"] == (4 + 7) * 2 * 8 * 4

@@ -47,6 +47,23 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def optimized_ops(onnx_path: Path, threads: int = 1) -> int:
+    """Operators onnxruntime runs per step after its graph fusions (as the runtime's session)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.log_severity_level = 3  # the "hardware specific" warning on saving is expected
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return len(onnx.load(opts.optimized_model_filepath).graph.node)
+
+
 def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
     """Serve ('gen' | 'score' | 'memory' | 'quit', payload) requests for one bundle."""
     from edge.llm.runtime import LlmRuntime
@@ -59,7 +76,9 @@ def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
         val = np.fromfile(
             rt.bundle.file(rt.bundle.manifest["llm"]["validation"]["tokens"]), dtype=np.uint16
         )
-        conn.send({"ok": True, "val_tokens": val, "rss_loaded": _rss_bytes()})
+        rss = _rss_bytes()
+        ops = optimized_ops(rt.bundle.file(rt.bundle.manifest["llm"]["decoder"]["onnx"]), threads)
+        conn.send({"ok": True, "val_tokens": val, "rss_loaded": rss, "optimized_ops": ops})
     except Exception as e:  # report to the parent instead of dying silently
         conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
         return
@@ -199,6 +218,7 @@ def _measure(
                     rd[i]["prompt_tps"] / rd[j]["prompt_tps"] for rd in timed
                 ),
                 "rss_loaded": hello[i]["rss_loaded"],
+                "optimized_ops": hello[i]["optimized_ops"],
                 "after_first_generation": memory_after_first[i],
                 "after_all": final_memory[i],
                 "fold_check": llm.get("fold_check"),

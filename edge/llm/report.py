@@ -76,6 +76,7 @@ def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "gen_ratio_cpu_time": round(b.get("gen_ratio_cpu", float("nan")), 3),
                 "extra_us_per_token": round(1e6 * (1 / b["gen_tps"] - 1 / base["gen_tps"]), 1),
                 "extra_graph_nodes": (b["decoder_nodes"] or 0) - (base["decoder_nodes"] or 0),
+                "extra_ops_run": (b.get("optimized_ops") or 0) - (base.get("optimized_ops") or 0),
             }
         )
     return out
@@ -231,8 +232,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "extra_us_per_token = 1/gen_tok/s(MeKi) - 1/gen_tok/s(dense). gen_ratio (the bar) is "
         "wall-clock; gen_ratio_cpu_time is the same ratio per second of each worker's own CPU time, "
         "a cross-check that is blind to time the shared machine's other processes take. "
-        "extra_graph_nodes = nodes added "
-        "to the exported decoder graph by the memory path (before onnxruntime's fusions).",
+        "extra_graph_nodes = nodes added to the exported decoder graph by the memory path (before "
+        "onnxruntime's fusions); extra_ops_run = operators added to what onnxruntime actually runs "
+        "per step (after its fusions).",
         "",
         *_speed_note(result),
         "## Training and folding",
