@@ -232,11 +232,10 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def shaped_server(
-    bundle: Path, choice: BackendChoice, notes: list[str], clients: int = 1
+    bundle: Path, choice: BackendChoice, notes: list[str]
 ) -> Iterator[tuple[ServerProcess, netns.NamespacePair | None]]:
     """The policy server, inside the server namespace for the kernel backends; cleaned up always."""
-    # Every open ActStream holds a server thread: room for all clients and their reconnects.
-    args = ["--workers", str(max(32, 2 * clients + 8)), "--grace-s", "0.5"]
+    args = ["--grace-s", "0.5"]  # a sweep's end need not wait for streams to drain
     with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
         pair = None
         if choice.name != "proxy":
@@ -266,7 +265,7 @@ def measure(cfg: MeasureConfig, progress: bool = True) -> Sweep:
     bar = _progress(total, progress)
     try:
         root = load_bundle(cfg.bundle).root
-        with shaped_server(root, choice, sweep.notes, max(cfg.clients)) as (server, pair):
+        with shaped_server(root, choice, sweep.notes) as (server, pair):
             host, port = server.address.rsplit(":", 1)
             idle = idle_cpu_rate(server)
             sweep.notes.append(
