@@ -12,74 +12,98 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 
-from edge.envs import make_env
-from models.encoders import ARCHS, MiniConvExtractor
+from edge.envs import make_env, tasks
+from models.algos import ALGOS, DISCRETE_ALGOS, build
+from models.baselines import ENCODERS, policy_kwargs
 
-ALGOS = ("ppo",)
+LEARNING_RATE = {"ppo": 3e-4, "sac": 1e-3, "ddpg": 5e-4}
+N_ENVS = {"ppo": 8, "sac": 1, "ddpg": 1}
+ES2_RECALIBRATE_EVERY = 2_000  # env steps between es2 scale recalibrations
 
 
 @dataclass
 class TrainConfig:
-    """What to train; written into every run directory and bundle."""
+    """What to train; written into every run directory and bundle.
+
+    :param task: pixel task name (edge.envs.tasks())
+    :param algo: "ppo" (discrete actions), "sac" or "ddpg" (continuous actions)
+    :param encoder: "miniconv", "miniconv-es2" (8-bit quantisation-aware) or "naturecnn"
+    :param n_envs: parallel envs (None: 8 for PPO, 1 off-policy)
+    :param learning_rate: None: the algorithm's default (PPO's decays linearly to 0)
+    :param hyper: overrides of the algorithm's SB3 keyword arguments
+    :param threads: torch intra-op threads (1 lets runs share a small machine)
+    """
 
     task: str = "cartpole-pixels"
     algo: str = "ppo"
     encoder: str = "miniconv"
     seed: int = 0
     timesteps: int = 150_000
-    n_envs: int = 8
-    learning_rate: float = (
-        3e-4  # decays linearly to 0: PPO on CartPole collapses after solving otherwise
-    )
+    n_envs: int | None = None
+    learning_rate: float | None = None
     hyper: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
+    eval_episodes: int = 20
+    random_episodes: int = 100
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        if self.encoder not in ARCHS:
-            raise ValueError(f"encoder must be one of {sorted(ARCHS)}, got {self.encoder!r}")
-        if self.timesteps < 1 or self.n_envs < 1:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
+        if self.task not in tasks():
+            raise ValueError(f"task must be one of {tasks()}, got {self.task!r}")
+        self.n_envs = N_ENVS[self.algo] if self.n_envs is None else self.n_envs
+        if self.learning_rate is None:
+            self.learning_rate = LEARNING_RATE[self.algo]
+        if self.timesteps < 1 or self.n_envs < 1 or self.threads < 1:
             raise ValueError(
-                f"timesteps ({self.timesteps}) and n_envs ({self.n_envs}) must be >= 1"
+                f"timesteps ({self.timesteps}), n_envs ({self.n_envs}) and threads "
+                f"({self.threads}) must be >= 1"
+            )
+        discrete = hasattr(make_env(self.task).action_space, "n")
+        if discrete != (self.algo in DISCRETE_ALGOS):
+            kind = "discrete" if discrete else "continuous"
+            raise ValueError(
+                f"task {self.task!r} has {kind} actions, which {self.algo} cannot drive"
             )
 
 
-def _linear(start: float) -> Any:
-    return lambda progress_remaining: progress_remaining * start
+class EpisodeCurve(BaseCallback):
+    """Every finished training episode as (env steps so far, return), also appended to a
+    `progress.jsonl` log so a long run can be watched (and a killed one still says how far it got)."""
+
+    def __init__(self, log: Path | None = None) -> None:
+        super().__init__()
+        self.points: list[tuple[int, float]] = []
+        self.log, self.t0 = log, time.time()
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            if "episode" in info:
+                point = (int(self.num_timesteps), float(info["episode"]["r"]))
+                self.points.append(point)
+                if self.log is not None:
+                    line = {
+                        "step": point[0],
+                        "return": point[1],
+                        "s": round(time.time() - self.t0, 1),
+                    }
+                    with self.log.open("a") as f:
+                        f.write(json.dumps(line) + "\n")
+        return True
 
 
 def build_model(cfg: TrainConfig) -> Any:
-    """An SB3 model with the MiniConv encoder as its (shared) features extractor."""
-    from stable_baselines3 import PPO
+    """An SB3 model for the config: its algorithm with the chosen encoder as features extractor."""
     from stable_baselines3.common.env_util import make_vec_env
 
     venv = make_vec_env(lambda: make_env(cfg.task), n_envs=cfg.n_envs, seed=cfg.seed)
-    policy_kwargs = {
-        "features_extractor_class": MiniConvExtractor,
-        "features_extractor_kwargs": {"arch": cfg.encoder},
-        "net_arch": {"pi": [64, 64], "vf": [64, 64]},
-    }
-    hyper = {
-        "n_steps": 256,
-        "batch_size": 256,
-        "n_epochs": 4,
-        "gamma": 0.99,
-        "gae_lambda": 0.95,
-        "clip_range": 0.2,
-        "ent_coef": 0.0,
-        **cfg.hyper,
-    }
-    return PPO(
-        "CnnPolicy",
-        venv,
-        learning_rate=_linear(cfg.learning_rate),
-        policy_kwargs=policy_kwargs,
-        seed=cfg.seed,
-        device="cpu",
-        verbose=0,
-        **hyper,
-    )
+    extractor = policy_kwargs(cfg.encoder, venv.observation_space)
+    assert cfg.learning_rate is not None  # resolved in __post_init__
+    return build(cfg.algo, venv, extractor, cfg.learning_rate, cfg.seed, cfg.hyper)
 
 
 def evaluate(policy: Any, task: str, episodes: int, seed: int) -> list[float]:
@@ -98,29 +122,58 @@ def evaluate(policy: Any, task: str, episodes: int, seed: int) -> list[float]:
     return returns
 
 
-def train(cfg: TrainConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train, save model.zip and result.json under out, and return the result."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def evaluate_model(model: Any, task: str, episodes: int, seed: int) -> list[float]:
+    """Deterministic returns of a trained model over `episodes` episodes (10 envs batched)."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    venv = make_vec_env(lambda: make_env(task), n_envs=min(10, episodes), seed=seed)
+    rewards, _ = evaluate_policy(
+        model, venv, n_eval_episodes=episodes, deterministic=True, return_episode_rewards=True
+    )
+    return [float(r) for r in rewards]
+
+
+def train(
+    cfg: TrainConfig, out: Path, progress: bool = True, command: str | None = None
+) -> dict[str, Any]:
+    """Train, save model.zip and result.json under out, and return the result.
+
+    `command` is recorded as how the run was made (default: this process's argv)."""
+    from models.flops import policy_costs
+    from models.qat import Es2Calibration
+
+    torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg)
+    (out / "progress.jsonl").unlink(missing_ok=True)
+    curve = EpisodeCurve(out / "progress.jsonl")
+    callbacks: list[BaseCallback] = [curve]
+    es2 = Es2Calibration(cfg.task, ES2_RECALIBRATE_EVERY) if ENCODERS[cfg.encoder].es2_qat else None
+    if es2 is not None:
+        callbacks.append(es2)
     t0 = time.time()
-    model.learn(total_timesteps=cfg.timesteps, progress_bar=progress)
+    model.learn(total_timesteps=cfg.timesteps, progress_bar=progress, callback=callbacks)
     seconds = time.time() - t0
     model.save(out / "model.zip")
-    final = [float(ep["r"]) for ep in model.ep_info_buffer]
-    det = evaluate(
-        lambda o: model.predict(o, deterministic=True)[0], cfg.task, 10, cfg.seed + 10_000
-    )
-    rnd = evaluate(None, cfg.task, 100, cfg.seed + 20_000)
+    returns = [r for _, r in curve.points]
+    final = returns[-100:]
+    det = evaluate_model(model, cfg.task, cfg.eval_episodes, cfg.seed + 10_000)
+    rnd = evaluate(None, cfg.task, cfg.random_episodes, cfg.seed + 20_000)
     result = {
         "config": asdict(cfg),
-        "command": " ".join(shlex.quote(a) for a in ["splitedge", *sys.argv[1:]]),
+        "command": command or " ".join(shlex.quote(a) for a in ["splitedge", *sys.argv[1:]]),
         "timesteps": int(model.num_timesteps),
         "train_seconds": round(seconds, 1),
         "final_100_mean_return": float(np.mean(final)) if final else None,
         "final_100_episodes": len(final),
+        "episodes": len(returns),
         "deterministic_eval_mean_return": float(np.mean(det)),
+        "deterministic_eval_episodes": len(det),
         "random_policy_mean_return": float(np.mean(rnd)),
+        "costs": policy_costs(model, cfg.algo, cfg.encoder),
+        "es2_activation_quant": es2.scales if es2 is not None else None,
+        "curve": {"steps": [s for s, _ in curve.points], "returns": returns},
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -42,4 +42,5 @@ def make_env(task: str, seed: int | None = None, **kwargs: Any) -> Any:
 
 
 def _load() -> None:
-    from edge.envs import pixel_cartpole  # noqa: F401  (registers itself)
+    # each module registers itself
+    from edge.envs import pixel_cartpole, pixel_pendulum, pixel_reacher  # noqa: F401

@@ -3,29 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from splitedge.errors import SplitedgeError
 from splitedge.output import emit, table
+
+DEFAULT_RUNS = Path("runs") / "learning"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a split policy with Stable-Baselines3",
-        description="Train a split policy (MiniConv encoder + policy head) on a "
-        "pixel task. Needs the `train` extra (torch==2.13.0, stable-baselines3).",
+        description="Train a policy (device encoder + server head) on a pixel task with "
+        "PPO (discrete actions), SAC or DDPG (continuous actions). Writes model.zip and "
+        "result.json (returns, learning curve, FLOPs, bytes per step) to the run directory. "
+        "Needs the `train` extra (torch==2.13.0, stable-baselines3).",
     )
     p.add_argument("--task", default="cartpole-pixels", help="pixel task (default: %(default)s)")
-    p.add_argument("--algo", default="ppo", help="SB3 algorithm (default: %(default)s)")
+    p.add_argument("--algo", default="ppo", help="ppo, sac or ddpg (default: %(default)s)")
     p.add_argument(
-        "--encoder", default="miniconv", help="encoder architecture (default: %(default)s)"
+        "--encoder",
+        default="miniconv",
+        help="miniconv, miniconv-es2 or naturecnn (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--timesteps", type=int, default=150_000, help="environment steps (default: %(default)s)"
     )
-    p.add_argument("--out", type=Path, required=True, help="run directory (model.zip, result.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"run directory (default: {DEFAULT_RUNS}/<task>-<algo>-<encoder>-s<seed>)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -45,10 +58,15 @@ def run(args: argparse.Namespace) -> int:
             encoder=args.encoder,
             seed=args.seed,
             timesteps=args.timesteps,
+            threads=args.threads,
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
-    result = train(cfg, args.out, progress=not args.no_progress)
+    out = args.out or DEFAULT_RUNS / f"{cfg.task}-{cfg.algo}-{cfg.encoder}-s{cfg.seed}"
+    argv = getattr(args, "argv", None)
+    command = " ".join(shlex.quote(a) for a in ["splitedge", *argv]) if argv else None
+    result = train(cfg, out, progress=not args.no_progress, command=command)
+    costs = result["costs"]
     rows = [
         {"metric": k, "value": result[k]}
         for k in (
@@ -58,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
             "deterministic_eval_mean_return",
             "random_policy_mean_return",
         )
+    ] + [
+        {"metric": k, "value": costs[k]}
+        for k in ("encoder_params", "encoder_flops", "server_flops", "feature_bytes_per_step")
     ]
-    emit(result, args.json, table(rows, title=f"trained {cfg.algo} on {cfg.task} -> {args.out}"))
+    text = table(rows, title=f"trained {cfg.algo} + {cfg.encoder} on {cfg.task} -> {out}")
+    if args.json:
+        result = {k: v for k, v in result.items() if k != "curve"} | {"out": str(out)}
+    emit(result, args.json, text)
     return 0
