@@ -218,7 +218,9 @@ def test_jitter_spreads_delay_but_keeps_bytes_in_order(serve) -> None:
     )
     assert echoed == b"\xff" + sent[1:], "jitter must not reorder bytes"
     assert min(rtts) >= 2 * (delay - jitter) + serialise - 0.2
-    assert max(rtts) <= 2 * (delay + jitter) + serialise + 2.0
+    # The floor is physics; the ceiling holds for most exchanges, but a loaded machine may
+    # deschedule any one of them, so it is checked on the 80th percentile, not the max.
+    assert sorted(rtts)[int(0.8 * len(rtts))] <= 2 * (delay + jitter) + serialise + 2.0
     assert max(rtts) - min(rtts) > jitter  # jitter is really applied
 
 
