@@ -25,6 +25,7 @@ from protos import policy_pb2_grpc as pb_grpc
 from server.batcher import DynamicBatcher, Result
 from server.config import ServerConfig
 from server.errors import Kind, RequestError
+from server.loop_bridge import BatcherClosed, LoopBridge
 from server.metrics import Metrics
 from server.models import PolicyModels, Spec
 from server.sessions import Sessions, bundle_key
@@ -128,6 +129,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             id(b): self.metrics.queue_seconds.labels(name)
             for b, name in ((self.head, "head"), (self.full, "full"))
         }
+        self.bridge = LoopBridge()
         self._decoders: ThreadPoolExecutor | None = None  # PNG/JPEG decoding off the event loop
         self._lock = threading.Lock()
         self._decisions = 0
@@ -215,8 +217,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
     async def decide_async(self, request: pb.ActRequest) -> pb.ActReply:
         """decide() for the event loop: frames decode on a worker thread, the model is awaited.
 
-        A passed deadline cancels the calling task; cancelling the await also cancels the
-        batcher's future, so the batch skips it.
+        A passed deadline cancels the calling task; the bridge then cancels the batcher's
+        future, so the batch skips it.
         """
         if request.input.codec == pb.CODEC_NONE:
             batcher, sample, decode_s = self.validate(request)
@@ -225,9 +227,10 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             batcher, sample, decode_s = await loop.run_in_executor(
                 self._decoder_pool(), self.validate, request
             )
-        future = self.submit(batcher, sample)
         try:
-            result = await asyncio.wrap_future(future)
+            result = await self.bridge.run(batcher, sample)
+        except BatcherClosed:
+            raise RequestError(Kind.UNAVAILABLE, DRAINING) from None
         except Exception as e:
             log.exception("model call failed")
             raise RequestError(Kind.INTERNAL, f"model failed on this input: {e}") from e
