@@ -37,11 +37,12 @@ def calibration_frames(task: str, count: int = 256, seed: int = 0) -> np.ndarray
     return np.stack(frames).astype(np.uint8)
 
 
-def recalibrate(policy: Any, frames: np.ndarray) -> list[dict[str, Any]]:
-    """Set every es2 MiniConv's storage scales from its own weights; the actor encoder's scales."""
-    from edge.encoder.calibrate import calibrate, to_extra
+def recalibrate(policy: Any, frames: np.ndarray) -> list[Any]:
+    """Set every es2 MiniConv's storage scales from its own weights; return the first one's
+    (the online encoder: SB3 builds it before any target copy) as ActQuant."""
+    from edge.encoder.calibrate import calibrate
 
-    recorded: list[dict[str, Any]] = []
+    recorded: list[Any] = []
     for encoder in miniconvs(policy):
         storage = [m for m in encoder.net if isinstance(m, FakeQuantAffine)]
         if not storage:
@@ -50,8 +51,21 @@ def recalibrate(policy: Any, frames: np.ndarray) -> list[dict[str, Any]]:
         for module, q in zip(storage, scales, strict=True):
             module.scale, module.zero_point = float(q.scale), int(q.zero_point)
         if not recorded:
-            recorded = to_extra(scales)
+            recorded = scales
     return recorded
+
+
+def persist_scales(model: Any, frames: np.ndarray) -> list[dict[str, Any]]:
+    """Recalibrate, and put the scales into the model's policy_kwargs so model.save() keeps them.
+
+    The scales are plain attributes, not tensors, so they are not in the state dict; a
+    model loaded from model.zip is rebuilt from policy_kwargs and gets them back from there.
+    """
+    from edge.encoder.calibrate import to_extra
+
+    act_quant = recalibrate(model.policy, frames)
+    model.policy_kwargs["features_extractor_kwargs"]["act_quant"] = act_quant
+    return to_extra(act_quant)
 
 
 class Es2Calibration(BaseCallback):
@@ -64,13 +78,13 @@ class Es2Calibration(BaseCallback):
         self.scales: list[dict[str, Any]] = []
 
     def _on_training_start(self) -> None:
-        self.scales = recalibrate(self.model.policy, self.frames)
+        recalibrate(self.model.policy, self.frames)
 
     def _on_step(self) -> bool:
         if self.num_timesteps >= self.next_at:
-            self.scales = recalibrate(self.model.policy, self.frames)
+            recalibrate(self.model.policy, self.frames)
             self.next_at += self.every
         return True
 
     def _on_training_end(self) -> None:
-        self.scales = recalibrate(self.model.policy, self.frames)
+        self.scales = persist_scales(self.model, self.frames)

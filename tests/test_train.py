@@ -146,12 +146,18 @@ def test_es2_scales_are_the_exporters_calibration(runs: dict[tuple[str, str], Pa
     from stable_baselines3 import PPO
 
     from edge.encoder.calibrate import calibrate, task_frames, to_extra
+    from models.encoders import FakeQuantAffine
 
     run = runs[("ppo", "miniconv-es2")]
     result = json.loads((run / "result.json").read_text())
     encoder = PPO.load(run / "model.zip", device="cpu").policy.features_extractor.encoder
     expected = to_extra(calibrate(encoder.ir, encoder.weights(), task_frames("cartpole-pixels")))
     assert result["es2_activation_quant"] == expected
+    # the loaded model stores activations on that grid too (scales are not in the state dict)
+    storage = [m for m in encoder.net if isinstance(m, FakeQuantAffine)]
+    assert [(m.scale, m.zero_point) for m in storage] == [
+        (q["scale"], q["zero_point"]) for q in expected
+    ]
 
 
 def test_bad_configs_say_what_is_allowed() -> None:
@@ -173,3 +179,32 @@ def test_ppo_run_exports_a_bundle_that_verifies(
 
     export_policy(runs[("ppo", "miniconv")] / "model.zip", tmp_path / "b", "tiny", "0.0.1")
     assert main(["bundle", "verify", str(tmp_path / "b")]) == 0
+
+
+def test_cli_trains_and_prints_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splitedge.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: runs/learning/<cell>
+    argv = ["train", "--task", "reacher-pixels", "--algo", "ddpg", "--timesteps", "100"]
+    assert main([*argv, "--seed", "4", "--no-progress", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    run = tmp_path / "runs" / "learning" / "reacher-pixels-ddpg-miniconv-s4"
+    saved = json.loads((run / "result.json").read_text())
+    assert printed["out"] == str(Path("runs/learning/reacher-pixels-ddpg-miniconv-s4"))
+    assert printed["final_100_mean_return"] == saved["final_100_mean_return"]
+    assert saved["command"].startswith("splitedge train --task reacher-pixels --algo ddpg")
+    assert (
+        main(["train", "--algo", "sac", "--out", str(tmp_path / "x")]) != 0
+    )  # CartPole is discrete
+
+
+def test_sweep_covers_every_cell_once() -> None:
+    from models.sweep import PLAN, commands
+
+    cells = commands(Path("r"), [0, 1, 2], list(PLAN))
+    assert len(cells) == len({d for d, _ in cells}) == 3 * 3 * 3
+    for run_dir, argv in cells:
+        task, algo = argv[argv.index("--task") + 1], argv[argv.index("--algo") + 1]
+        assert PLAN[task][0] == algo and run_dir.parent == Path("r")
