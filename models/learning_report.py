@@ -137,8 +137,10 @@ def results_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> list[str
             if split
             else f"{c['raw_bytes_per_step']} (raw)"
         )
+        n = s["episodes_in_final"]
+        few = f" (all {n} episodes)" if n < 100 else ""
         lines.append(
-            f"| {task} | {algo} | {enc} | {len(s['seeds'])} | {_pm(s['final'])} "
+            f"| {task} | {algo} | {enc} | {len(s['seeds'])} | {_pm(s['final'])}{few} "
             f"| {_pm(s['eval'])} | {s['random']:.1f} | {s['timesteps']} | {s['minutes']:.1f} "
             f"| {c['encoder_params']} | {device} | {_flops(c['server_flops'])} | {sent} |"
         )
@@ -159,10 +161,17 @@ def parity_lines(cells: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]
                 gap = s[metric][0] - base[metric][0]
                 within = abs(gap) <= base[metric][1]
                 verdict = "within" if within else "outside"
+                gain = base[metric][0] - base["random"]
+                share = (
+                    f"; {100 * (s[metric][0] - s['random']) / gain:.0f}% of Full-CNN's gain "
+                    "over random"
+                    if gain > 0
+                    else ""
+                )
                 lines.append(
-                    f"- {task} / {algo}, {label}: {enc} {s[metric][0]:.1f} vs Full-CNN "
-                    f"{base[metric][0]:.1f} ± {base[metric][1]:.1f}: gap {gap:+.1f}, "
-                    f"{verdict} one Full-CNN standard deviation."
+                    f"- {task} / {algo}, {label}: {enc} {_pm(s[metric])} vs Full-CNN "
+                    f"{_pm(base[metric])}: gap {gap:+.1f}, "
+                    f"{verdict} one Full-CNN standard deviation{share}."
                 )
         mini, full = cells.get((task, algo, "miniconv")), base
         if mini is not None:
@@ -253,6 +262,11 @@ def write_report(runs_dir: Path, out: Path, command: str, preamble: str = "") ->
         png = out.parent / f"{out.stem}-{task}.png"
         plot_task(task, algo, by_enc, random, png)
         plots.append(png)
+    thin = [
+        f"{t} / {a} / {e} ({len(c['seeds'])})"
+        for (t, a, e), c in cells.items()
+        if len(c["seeds"]) < 3
+    ]
     lines = [
         "# Learning parity: split (MiniConv) vs Full-CNN policies",
         "",
@@ -262,6 +276,10 @@ def write_report(runs_dir: Path, out: Path, command: str, preamble: str = "") ->
         "## Results",
         "",
         *results_table(cells),
+        "",
+        f"Cells with fewer than 3 seeds: {', '.join(thin)}."
+        if thin
+        else "Every cell has 3 or more seeds.",
         "",
         "## MiniConv vs Full-CNN, and what the server computes",
         "",
