@@ -147,8 +147,14 @@ def create_server(
     Pass your own servicer to read its stats() or close() it; health starts SERVING for
     SERVICE_NAME and "" (the whole server). Metrics start with it when cfg.metrics_port is set.
     """
+    owned = servicer is None
     servicer = servicer or PolicyServicer.from_config(cfg)
-    server = PolicyServer(cfg, servicer)
+    try:
+        server = PolicyServer(cfg, servicer)
+    except BaseException:
+        if owned:
+            servicer.close()
+        raise
     return server, server.port
 
 

@@ -1,0 +1,228 @@
+"""A fleet: 3 `splitedge serve` replicas behind gRPC round-robin, 16 edge clients (PolicyClient,
+half streaming, half unary); one replica is SIGKILLed mid-run and every client keeps acting."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from deploy.bench_server import ChildServer, free_port
+from edge.channel import lb_options, resolve_target
+from edge.client import ClientConfig, PolicyClient
+from splitedge.bundle import load_bundle
+from splitedge.errors import SplitedgeError
+from tests.conftest import ZOO_BUNDLE
+
+CLIENTS, REPLICAS = 16, 3
+STEP_S = 0.02  # a 50 Hz control loop
+# The client's reconnect backoff stays under one step: edge/client.py re-arms the backoff on
+# every fallback, including "waiting to reconnect" ones, so a loop faster than the backoff
+# never reconnects (test_reconnects_while_acting_faster_than_the_backoff, xfail until fixed).
+BACKOFF_S = (0.005, 0.015)
+MAX_FALLBACKS = 5  # per client, for losing one replica
+
+
+@pytest.fixture
+def round_robin_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route PolicyClient's channel through edge.channel's target and round-robin policy.
+
+    Stopgap until edge/client.py::_open calls edge.channel.make_channel (then PolicyClient
+    does this itself and the patch only repeats the same option).
+    """
+    real = grpc.insecure_channel
+
+    def insecure_channel(
+        target: str, options: object = None, compression: object = None
+    ) -> grpc.Channel:
+        opts = [*(options or []), *lb_options("round_robin")]  # type: ignore[misc]
+        return real(resolve_target(target), options=opts, compression=compression)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(grpc, "insecure_channel", insecure_channel)
+
+
+@dataclass
+class Replica:
+    server: ChildServer
+    port: int
+    metrics_port: int
+
+    def decisions(self) -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("splitedge_requests_total{")
+            and 'code="OK"' in line
+            and "Hello" not in line
+        )
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[Replica]]:
+    started: list[Replica] = []
+    threads = []
+
+    def start_one() -> None:
+        port, mport = free_port(), free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "splitedge",
+            "serve",
+            "--bundle",
+            str(ZOO_BUNDLE),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(mport),
+        ]
+        started.append(Replica(ChildServer(argv, f"127.0.0.1:{port}", mport), port, mport))
+
+    for _ in range(REPLICAS):  # in parallel: each spends seconds importing onnxruntime
+        threads.append(threading.Thread(target=start_one))
+        threads[-1].start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert len(started) == REPLICAS
+        yield sorted(started, key=lambda r: r.port)
+    finally:
+        for r in started:
+            r.server.stop()
+
+
+@dataclass(eq=False)  # threads must stay hashable
+class Device(threading.Thread):
+    client: PolicyClient
+    frames: np.ndarray
+    stop: threading.Event
+    killed_at: list[float]
+    actions: int = 0
+    after_kill_ok: int = 0  # real (non-fallback) actions after the kill
+    crash: str = ""
+    log: list[tuple[float, bool]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread.__init__(self, daemon=True)
+
+    def run(self) -> None:
+        i = 0
+        try:
+            while not self.stop.is_set():
+                action = self.client.act(self.frames[i % len(self.frames)])
+                assert action in (0, 1), action
+                fell_back = bool(self.client.last and self.client.last.fallback)
+                now = time.monotonic()
+                self.actions += 1
+                if self.killed_at and now > self.killed_at[0] and not fell_back:
+                    self.after_kill_ok += 1
+                self.log.append((now, fell_back))
+                if fell_back and self.client.last:
+                    self.errors.append(self.client.last.error)
+                i += 1
+                time.sleep(STEP_S)
+        except BaseException as e:  # a client must never raise out of act()
+            self.crash = f"{type(e).__name__}: {e}"
+
+
+def test_clients_keep_acting_when_a_replica_is_killed(
+    replicas: list[Replica], round_robin_client: None
+) -> None:
+    bundle = load_bundle(ZOO_BUNDLE)
+    target = ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 3, 48, 48), dtype=np.uint8)
+    stop, killed_at = threading.Event(), []
+    devices = []
+    for i in range(CLIENTS):
+        cfg = ClientConfig(
+            server=target,
+            backend="ort",
+            rpc="stream" if i % 2 else "unary",
+            deadline_s=2.0,
+            backoff_s=BACKOFF_S,
+            client_id=f"dev-{i}",
+        )
+        devices.append(Device(PolicyClient(bundle, cfg).connect(), frames, stop, killed_at))
+    for d in devices:
+        d.start()
+    try:
+        time.sleep(2.0)
+        before = [r.decisions() for r in replicas]
+        assert all(n > 0 for n in before), before  # round-robin: every replica had work
+        victim = replicas[0]
+        victim.server.proc.send_signal(signal.SIGKILL)
+        killed_at.append(time.monotonic())
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for d in devices:
+            d.join(10)
+            d.client.close()
+    assert [d.crash for d in devices] == [""] * CLIENTS
+    fallbacks = [d.client.fallbacks for d in devices]
+    assert max(fallbacks) <= MAX_FALLBACKS, [
+        (f, sorted(set(d.errors))) for f, d in zip(fallbacks, devices, strict=True)
+    ]
+    assert sum(fallbacks) >= 1  # the kill was felt (calls in flight to the victim fell back)
+    # every client kept getting real actions from the survivors, for most of the 3 s after it
+    assert min(d.after_kill_ok for d in devices) >= 0.5 * 3.0 / STEP_S / 3, [
+        d.after_kill_ok for d in devices
+    ]
+    survivors = [r.decisions() for r in replicas[1:]]
+    assert all(n > b for n, b in zip(survivors, before[1:], strict=True)), (before, survivors)
+
+
+def test_replica_lists_and_targets() -> None:
+    assert resolve_target("127.0.0.1:1,127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert resolve_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    assert resolve_target("policy:50051") == "policy:50051"
+    assert resolve_target("dns:///policy.svc:50051") == "dns:///policy.svc:50051"
+    with pytest.raises(SplitedgeError, match="dns:///"):
+        resolve_target("a.example:1,b.example:1")
+    with pytest.raises(SplitedgeError, match="all IPv4 or all IPv6"):
+        resolve_target("127.0.0.1:1,[::1]:2")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="edge/client.py: a fallback while waiting to reconnect re-arms the backoff, so a "
+    "control loop faster than the backoff never reconnects (reported to the lead)",
+)
+def test_reconnects_while_acting_faster_than_the_backoff(tiny_bundle: Path) -> None:
+    from server.app import create_server
+    from server.config import ServerConfig
+
+    cfg = ServerConfig(bundle=tiny_bundle, port=free_port())
+    server, _ = create_server(cfg)
+    server.start()
+    frame = np.zeros((3, 48, 48), np.uint8)
+    client = PolicyClient(
+        load_bundle(tiny_bundle), ClientConfig(server=cfg.address, backend="ort")
+    ).connect()
+    try:
+        client.act(frame)
+        server.close()  # the server restarts: the client's stream breaks
+        server.servicer.close()
+        server, _ = create_server(cfg)
+        server.start()
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            client.act(frame)
+            time.sleep(STEP_S)
+        assert client.reconnects >= 1 and not client.last.fallback  # type: ignore[union-attr]
+    finally:
+        client.close()
+        server.close()
+        server.servicer.close()
