@@ -15,13 +15,14 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from server.auth import AuthInterceptor, TokenTable, server_credentials
 from server.config import ServerConfig
+from server.health import SERVING, Health
 from server.servicer import PolicyServicer
 from splitedge.errors import SplitedgeError
 
@@ -38,7 +39,7 @@ class PolicyServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
         self._thread.start()
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.metrics_port: int | None = None
         try:
             self.server, self.port = self._run(self._build())
@@ -79,7 +80,7 @@ class PolicyServer:
         pb_grpc.add_PolicyServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in (SERVICE_NAME, ""):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, SERVING)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
@@ -103,23 +104,17 @@ class PolicyServer:
         """Start answering calls."""
         self._run(self.server.start())
 
-    def drain(self) -> None:
-        """Health NOT_SERVING (load balancers and probes stop sending work), streams wind down."""
-
-        async def go() -> None:
-            await self.health.enter_graceful_shutdown()
-            self.servicer.begin_drain()
-
-        self._run(go())
-
     def stop(self, grace: float | None) -> threading.Event:
-        """Refuse new calls, let in-flight ones finish for up to `grace` seconds; `.wait()` on the result."""
+        """Drain: health NOT_SERVING, refuse new calls, end idle streams, let in-flight calls
+        finish for up to `grace` seconds; `.wait()` on the result."""
         done = threading.Event()
         if self.loop.is_closed():
             done.set()
             return done
 
         async def go() -> None:
+            # one step on the loop: no new call can slip in between NOT_SERVING and the stop
+            await self.health.enter_graceful_shutdown()
             self.servicer.begin_drain()
             await self.server.stop(grace)
 
@@ -179,7 +174,6 @@ def serve(
         while not stop.wait(0.5):  # a timed wait, so signal handlers get to run promptly
             pass
         log.info("stopping: NOT_SERVING, draining for up to %.1f s", cfg.grace_s)
-        server.drain()
         server.stop(cfg.grace_s).wait()
     finally:
         server.close()
