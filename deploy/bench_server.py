@@ -42,6 +42,7 @@ class BenchConfig:
     seconds: float = 2.0
     warmup_s: float = 0.5
     client_processes: int = 4
+    rounds: int = 1
     server_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -58,10 +59,10 @@ class BenchConfig:
                 f"the naive server needs the SB3 model {self.sb3_model}; pass --sb3-model "
                 "or leave the naive server out with --servers"
             )
-        if self.seconds <= 0 or self.warmup_s < 0 or self.client_processes < 1:
+        if self.seconds <= 0 or self.warmup_s < 0 or self.client_processes < 1 or self.rounds < 1:
             raise SplitedgeError(
-                f"need seconds > 0, warmup >= 0, client processes >= 1; got {self.seconds}, "
-                f"{self.warmup_s}, {self.client_processes}"
+                f"need seconds > 0, warmup >= 0, client processes >= 1, rounds >= 1; got "
+                f"{self.seconds}, {self.warmup_s}, {self.client_processes}, {self.rounds}"
             )
 
 
@@ -189,7 +190,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> d
     messages = _messages(bundle)
     servers: dict[str, ChildServer] = {}
     load0 = os.getloadavg()
-    rows: list[dict[str, Any]] = []
+    cells: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
     try:
         if any(s.startswith("splitedge") for s in cfg.servers):
             port, mport = free_port(), free_port()
@@ -224,14 +225,17 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> d
             progress("starting the naive SB3 server")
             servers["naive"] = ChildServer(argv, f"127.0.0.1:{port}")
         with ClientPool(min(cfg.client_processes, max(cfg.clients))) as pool:
-            for clients in cfg.clients:
-                for rpc in cfg.rpcs:
-                    for name in cfg.servers:
-                        progress(f"{clients} clients, {rpc}, {name}")
-                        rows.append(_cell(pool, servers, name, clients, rpc, messages, cfg))
+            for r in range(cfg.rounds):  # whole rounds, so slow drift in load hits every cell
+                for clients in cfg.clients:
+                    for rpc in cfg.rpcs:
+                        for name in cfg.servers:
+                            progress(f"round {r + 1}: {clients} clients, {rpc}, {name}")
+                            row = _cell(pool, servers, name, clients, rpc, messages, cfg)
+                            cells.setdefault((clients, rpc, name), []).append(row)
     finally:
         for s in servers.values():
             s.stop()
+    rows = [_median(runs) for runs in cells.values()]
     return {
         "bundle": f"{bundle.name} {bundle.version}",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
@@ -278,6 +282,17 @@ def _cell(
         "errors": r["errors"],
         "first_error": r["first_error"],
     }
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell over its rounds: the median of each number, the errors summed."""
+    row = dict(runs[0])
+    for key, v in runs[0].items():
+        if isinstance(v, float):
+            row[key] = float(np.median([r[key] for r in runs]))
+    row["errors"] = sum(r["errors"] for r in runs)
+    row["first_error"] = next((r["first_error"] for r in runs if r["first_error"]), "")
+    return row
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -334,7 +349,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"anything else running (load average {m['loadavg_before'][0]:.1f} before, "
             f"{m['loadavg_after'][0]:.1f} after). Bundle {result['bundle']}; "
             f"{c['seconds']} s per cell after {c['warmup_s']} s warm-up, "
-            f"{c['client_processes']} client processes; cells interleaved in one run.",
+            f"{c['client_processes']} client processes; cells interleaved in one run, "
+            f"{c['rounds']} round(s), each number the median over rounds.",
             "",
             "Each client is a closed loop on its own gRPC channel: send, wait for the action, "
             "send again. `splitedge split` receives 64 feature bytes (head.onnx); "

@@ -63,6 +63,12 @@ def add_server_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         "--client-procs", type=int, default=4, help="client processes (default: %(default)s)"
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every cell this many times, interleaved; report medians (default: %(default)s)",
+    )
+    p.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -106,9 +112,10 @@ def run_server(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         warmup_s=args.warmup,
         client_processes=args.client_procs,
+        rounds=args.rounds,
         server_args=list(args.server_arg),
     )
-    progress = _progress(len(clients) * len(cfg.rpcs) * len(servers), quiet=args.json)
+    progress = _progress(cfg.rounds * len(clients) * len(cfg.rpcs) * len(servers), quiet=args.json)
     result = run(cfg, progress)
     command = "splitedge " + " ".join(getattr(args, "argv", []) or ["bench", "server"])
     result["command"] = command
