@@ -100,6 +100,8 @@ class Cell:
     bound_ms: float
     records: list[StepRecord]
     encoder: str
+    bound_up: float = 0.0  # the data-carrying part of link_up: what the bound charges
+    bound_down: float = 0.0
     decisions_s: float = 0.0
     server_cpu_ms: float = 0.0  # server process CPU per decision, its idle rate taken out
 
@@ -117,6 +119,8 @@ class Cell:
             "decisions_s": self.decisions_s,
             "up_B": self.link_up,
             "down_B": self.link_down,
+            "bound_up_B": self.bound_up,
+            "bound_down_B": self.bound_down,
             "payload_up_B": self.payload_up,
             "payload_down_B": self.payload_down,
             "msg_up_B": s["bytes_up"],
@@ -178,18 +182,19 @@ def measure_cell(
         )
     n = len(records)
     per = {
-        k: (after[k] - before[k]) / n for k in ("link_up", "link_down", "bytes_up", "bytes_down")
+        k: (after[k] - before[k]) / n
+        for k in ("link_up", "link_down", "bound_up", "bound_down", "bytes_up", "bytes_down")
     }
     summary = summarise(records)
     bound = (
-        bound_ms(profile, per["link_up"], per["link_down"])
+        bound_ms(profile, per["bound_up"], per["bound_down"])
         + summary["encode_ms"]
         + summary["server_compute_ms"]
     )
     return Cell(
         profile.name, mode, clients, summary, per["link_up"], per["link_down"],
         per["bytes_up"], per["bytes_down"], bound, records, results[0].encoder,
-        decisions_s=n / seconds, server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
+        bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds, server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
     )  # fmt: skip
 
 

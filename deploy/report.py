@@ -17,6 +17,19 @@ SCALE_COLUMNS = [
     "link", "mode", "clients", "steps", "p50_ms", "p95_ms", "p99_ms", "bound_ms",
     "decisions_s", "up_B", "down_B", "server_cpu_ms", "fallbacks",
 ]  # fmt: skip
+METHOD = {
+    "netem": "The policy server runs in one network namespace and the edge clients in another, "
+    "joined by a veth pair with segmentation offloads off; netem on each veth end applies the "
+    "profile's one-way delay, jitter, rate and queue.",
+    "tbf": "The policy server runs in one network namespace and the edge clients in another, "
+    "joined by a veth pair with segmentation offloads off. A strict-burst tbf on each veth end "
+    "sets the rate; a lowest-priority filler flow keeps its bucket empty, so each packet waits "
+    "for its own transmission time as on a real serial link (a token bucket would otherwise "
+    "pass a lone small packet in 0 ms). The userspace emulator, in the edge namespace with its "
+    "own rate shaping off, adds the one-way delay and jitter in each direction.",
+    "proxy": "A userspace TCP proxy (deploy/link) serialises each direction at the profile's "
+    "rate and adds the one-way delay and jitter; edge clients dial it on loopback.",
+}
 SLOW_LINK_KBIT = 1000  # the bars apply to links with a direction this slow or slower
 SPEEDUP_BAR = 5.0
 BOUND_BAR = (0.05, 3.0)  # split p50 within 5% or 3 ms of its bound, whichever is larger
@@ -199,14 +212,17 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         f"({doc['config']['steps']} decisions per one-client cell after "
         f"{doc['config']['warmup']} warm-up; encoder: {doc['encoder']}).",
         "",
-        f"Link backend: **{backend_line(doc)}**.",
-        *(f"Note: {n}" for n in doc.get("notes", [])),
+        f"Link backend: **{backend_line(doc)}**. {METHOD[doc.get('link_backend', 'proxy')]}",
+        "",
+        *(f"- {n}" for n in doc.get("notes", [])),
         "",
         "Latency is decision latency (observation ready -> action in hand), in ms. `bound_ms` is "
-        "2 x one-way delay + serialisation of the bytes the link metered per decision, both ways, "
-        "+ measured encode + measured server compute. `up_B`/`down_B` are those bytes: "
+        "2 x one-way delay + serialisation of the data-carrying bytes the link metered per "
+        "decision, both ways (pure TCP ACKs cross the idle direction off the critical path), "
+        "+ measured encode + measured server compute. `up_B`/`down_B` are all bytes the link "
+        "metered per decision: "
         + (
-            "Ethernet frames (TCP/IP headers and ACKs included) as the kernel qdisc meters them"
+            "Ethernet frames (IP/TCP headers and ACKs included) as the kernel qdiscs meter them"
             if kernel
             else "HTTP/2 bytes through the userspace emulator"
         )

@@ -62,8 +62,10 @@ def test_measure_split_vs_raw_against_theory(
     rows = {r["mode"]: r for r in doc["rows"]}
     for mode, row in rows.items():
         assert row["fallbacks"] == 0, mode
-        # theory: the emulated link alone costs 2 x 15 ms + bytes*8/rate each way
-        theory = 30.0 + row["up_B"] * 8 / 500 + row["down_B"] * 8 / 1000
+        # theory: the emulated link alone costs 2 x 15 ms + bytes*8/rate each way, for the
+        # bytes that carry the exchange (no more than all bytes metered, no fewer than the message)
+        assert row["msg_up_B"] <= row["bound_up_B"] <= row["up_B"]
+        theory = 30.0 + row["bound_up_B"] * 8 / 500 + row["bound_down_B"] * 8 / 1000
         assert row["bound_ms"] >= theory
         assert row["p50_ms"] >= theory - 0.5, mode  # nothing beats the wire
         assert row["p50_ms"] - row["bound_ms"] < 10.0, mode  # software overhead stays small

@@ -48,8 +48,8 @@ def test_proxy_self_check_against_theory() -> None:
 def test_tbf_self_check_against_theory() -> None:
     rows = run_self_check("tbf", repeats=3)
     _check_rows(rows, "tbf")
-    for r in rows:  # the kernel meters whole frames: at least one 66-byte header per 1448 B
-        assert r["link_B_up"] >= r["message_B"] + 66 * -(-r["message_B"] // 1448)
+    for r in rows:  # the kernel meters frames: Ethernet + IP + TCP headers, 54 B per 1460 B
+        assert r["link_B_up"] >= r["message_B"] + 54 * -(-r["message_B"] // 1460)
     assert not [n for n in netns.list_ours() if n.startswith(f"splitedge-{os.getpid()}-check")]
 
 
@@ -125,7 +125,7 @@ def test_filler_frames_hide_at_most_a_quarter_millisecond() -> None:
         frame = tc.filler_frame_bytes(kbit)
         assert frame is not None and 42 <= frame <= 1514
         # A frame is the largest token debt the filler can leave; it must cost <= 0.25 ms,
-        # unless the smallest possible frame is already longer at this rate.
+        # unless the smallest possible one (Ethernet + IP + UDP headers) is longer at this rate.
         assert frame * 8 / kbit <= max(0.25, 42 * 8 / kbit) + 1e-9
     assert tc.filler_frame_bytes(30000) is None  # 1514 B free at 30 Mbit/s is 0.4 ms
 

@@ -1,13 +1,16 @@
 """Link profiles and link emulators that make a local connection behave like GPRS ... satellite.
 
-Backends implement `LinkEmulator`; today there is the userspace `proxy` backend
-(LinkProxy). Kernel backends (`tbf`, `netem` between network namespaces) plug in
-beside it and may reuse LinkProxy(shape_rate=False) for delay and jitter.
+Backends implement `LinkEmulator` (deploy.link.kernel.open_link builds one):
+- `netem`: edge and server network namespaces joined by a veth, netem on both ends;
+- `tbf`: the same namespaces, tbf for the rate (its bucket kept empty by a filler flow,
+  see tc.py) and LinkProxy(shape_rate=False) in the path for delay and jitter;
+- `proxy`: LinkProxy alone (no root needed).
+choose_backend() picks netem > tbf > proxy and says why; the choice is always reported.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from deploy.link.profiles import (
     DEFAULT_PROFILES,
@@ -24,6 +27,7 @@ class LinkEmulator(Protocol):
 
     backend: str  # "proxy", "tbf", "netem": always reported next to results
     profile: LinkProfile
+    netns: str | None  # network namespace clients must run in to dial `address`
 
     @property
     def address(self) -> str:
@@ -38,8 +42,8 @@ class LinkEmulator(Protocol):
         """Tear the link down, leaving nothing behind."""
         ...
 
-    def stats(self) -> dict[str, int]:
-        """Cumulative bytes_up, bytes_down and connections."""
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counters; link_up/link_down are the bytes the shaper meters."""
         ...
 
 

@@ -16,7 +16,7 @@ import sys
 import threading
 
 from deploy.link.netns import die_with_parent, enter
-from deploy.link.tc import FILLER_PRIORITY, FRAME_OVERHEAD
+from deploy.link.tc import ETHERNET_HEADER, FILLER_PRIORITY
 
 _IP_UDP_HEADERS = 28
 _DISCARD_PORT = 9
@@ -25,7 +25,7 @@ _DISCARD_PORT = 9
 def fill(ns: str, dest: str, frame_bytes: int, stop: threading.Event) -> None:
     """Send filler frames from namespace ns to dest until stop is set."""
     enter(ns)
-    payload = b"\0" * max(0, frame_bytes - FRAME_OVERHEAD - _IP_UDP_HEADERS)
+    payload = b"\0" * max(0, frame_bytes - ETHERNET_HEADER - _IP_UDP_HEADERS)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, FILLER_PRIORITY)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum

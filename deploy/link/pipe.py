@@ -17,17 +17,22 @@ _FRAME_HEADERS = 14 + 20 + 20  # Ethernet + IPv4 + TCP without options
 _TCPI_OPT_TIMESTAMPS = 1
 
 
-def tcp_segments(sock: object) -> tuple[int, int, int]:
-    """(segments sent, segments received, header bytes per segment) from Linux TCP_INFO."""
+NO_SEGMENTS = (0, 0, 0, 0, 0)
+
+
+def tcp_segments(sock: object) -> tuple[int, int, int, int, int]:
+    """From Linux TCP_INFO: segments sent, received, data segments sent, received (pure
+    ACKs excluded), and header bytes per segment (Ethernet + IP + TCP with options)."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)  # type: ignore[attr-defined]
     except (OSError, AttributeError):
-        return 0, 0, 0
-    if len(info) < 144:  # kernels before 4.2 have no segment counters
-        return 0, 0, 0
+        return NO_SEGMENTS
+    if len(info) < 160:  # kernels before 4.6 lack tcpi_data_segs_in/out
+        return NO_SEGMENTS
     segs_out, segs_in = struct.unpack_from("II", info, 136)  # tcpi_segs_out, tcpi_segs_in
+    data_in, data_out = struct.unpack_from("II", info, 152)  # tcpi_data_segs_in, _out
     timestamps = info[5] & _TCPI_OPT_TIMESTAMPS  # tcpi_options
-    return segs_out, segs_in, _FRAME_HEADERS + (12 if timestamps else 0)
+    return segs_out, segs_in, data_out, data_in, _FRAME_HEADERS + (12 if timestamps else 0)
 
 
 class Stream:
@@ -154,7 +159,7 @@ class Side(asyncio.BufferedProtocol):
         incoming.dst = self
         self.transport: asyncio.Transport | None = None  # set on connect
         self.closed = False
-        self.final_segments = (0, 0, 0)  # tcp_segments() just before the socket closed
+        self.final_segments = NO_SEGMENTS  # tcp_segments() just before the socket closed
         self._buffer = bytearray(_READ_MAX)
         self._reading = True
 
@@ -177,7 +182,7 @@ class Side(asyncio.BufferedProtocol):
         self.outgoing.finish_source()
         return True  # keep the socket open for the other direction (half-close)
 
-    def segments(self) -> tuple[int, int, int]:
+    def segments(self) -> tuple[int, int, int, int, int]:
         """This socket's tcp_segments(), also after it closed."""
         if self.closed or self.transport is None:
             return self.final_segments

@@ -90,7 +90,8 @@ class ProxyProcess:
         return self
 
     def stats(self) -> dict[str, Any]:
-        """The proxy's counters (LinkProxy.stats) plus link_up/link_down: the bytes a shaper meters."""
+        """LinkProxy.stats() plus link_up/down (bytes the shaper meters) and bound_up/down
+        (the data-carrying part of them, what an exchange's bound charges)."""
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdout is None:
             raise RuntimeError("ProxyProcess is not started")
@@ -107,6 +108,8 @@ class ProxyProcess:
         kernel = self.backend != "proxy"  # a qdisc meters whole frames, the proxy payload bytes
         s["link_up"] = s["frames_up"] if kernel else s["bytes_up"]
         s["link_down"] = s["frames_down"] if kernel else s["bytes_down"]
+        s["bound_up"] = s["data_frames_up"] if kernel else s["bytes_up"]
+        s["bound_down"] = s["data_frames_down"] if kernel else s["bytes_down"]
         return s
 
     def close(self) -> None:

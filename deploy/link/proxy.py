@@ -31,6 +31,7 @@ class LinkProxy:
     """
 
     backend = "proxy"
+    netns: str | None = None  # clients dial it from this process's namespace
 
     def __init__(
         self,
@@ -51,7 +52,8 @@ class LinkProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[Pipe] = set()
         self._counts = {"bytes_up": 0, "bytes_down": 0, "connections": 0}
-        self._ended_headers = [0, 0]  # header bytes up/down of upstream sockets already closed
+        # Header bytes (all segments up, down; data segments up, down) of closed upstream sockets.
+        self._ended_headers = [0, 0, 0, 0]
         p = profile
         self._up = SerialLink(
             p.up_kbit if shape_rate else None, p.delay_ms, p.jitter_ms, p.queue_bytes, seed=2 * seed
@@ -114,6 +116,8 @@ class LinkProxy:
 
         frames_up/frames_down add the Ethernet/IP/TCP headers of every segment the upstream
         sockets sent/received (TCP_INFO): what a kernel shaper between proxy and upstream meters.
+        data_frames_* count only segments that carry data: pure ACKs mostly cross an idle link
+        off the critical path, so an exchange's analytic bound leaves them out.
         """
         headers = self._upstream_headers()
         return {
@@ -123,19 +127,26 @@ class LinkProxy:
             "queue_peak_down": int(self._down.peak_backlog),
             "frames_up": self._counts["bytes_up"] + headers[0],
             "frames_down": self._counts["bytes_down"] + headers[1],
+            "data_frames_up": self._counts["bytes_up"] + headers[2],
+            "data_frames_down": self._counts["bytes_down"] + headers[3],
+            # What this emulator meters when it shapes the rate itself: payload bytes.
+            "link_up": self._counts["bytes_up"],
+            "link_down": self._counts["bytes_down"],
+            "bound_up": self._counts["bytes_up"],
+            "bound_down": self._counts["bytes_down"],
         }
 
-    def _upstream_headers(self) -> tuple[int, int]:
+    def _upstream_headers(self) -> list[int]:
         loop = self._loop
         if loop is None or loop.is_closed():
-            return self._ended_headers[0], self._ended_headers[1]
+            return list(self._ended_headers)
 
-        async def total() -> tuple[int, int]:
-            up, down = self._ended_headers
+        async def total() -> list[int]:
+            sums = list(self._ended_headers)
             for pipe in self._pipes:
-                segs_out, segs_in, header = pipe.upstream.segments()
-                up, down = up + segs_out * header, down + segs_in * header
-            return up, down
+                *counts, header = pipe.upstream.segments()
+                sums = [s + n * header for s, n in zip(sums, counts, strict=True)]
+            return sums
 
         return asyncio.run_coroutine_threadsafe(total(), loop).result(_CLOSE_TIMEOUT_S)
 
@@ -177,9 +188,9 @@ class LinkProxy:
         return pipe.client
 
     def _pipe_ended(self, pipe: Pipe) -> None:
-        segs_out, segs_in, header = pipe.upstream.segments()
-        self._ended_headers[0] += segs_out * header
-        self._ended_headers[1] += segs_in * header
+        *counts, header = pipe.upstream.segments()
+        for i, n in enumerate(counts):
+            self._ended_headers[i] += n * header
         self._pipes.discard(pipe)
 
     def _add(self, key: str, n: int) -> None:

@@ -6,7 +6,8 @@ on a quiet link a 512-byte request would cross a 1 Mbit/s tbf in 0 ms instead of
 like netem's rate, makes every packet wait for its own transmission time. Keeping the
 bucket empty with a lowest-priority filler flow restores that: our packet (pfifo_fast
 band 1) always goes first, but must wait for the tokens of its own length. The error left
-is the tokens the filler had not yet spent, under one filler packet (<= 0.25 ms by design).
+is the tokens the filler had not yet spent, under one filler packet (<= 0.25 ms by design,
+or one 42-byte frame where that is longer: 17 ms at GPRS's 20 kbit/s).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from deploy.link.netns import PREFIX, delete, run
 from deploy.link.profiles import PACKET_BYTES, LinkProfile
 
-FRAME_OVERHEAD = 14  # Ethernet header, which tbf and netem count in a packet's length
+ETHERNET_HEADER = 14  # tbf and netem meter a veth packet with its Ethernet header
 BURST_BYTES = 1600  # strict: one full-size frame (1514 B) and a little rounding margin
 MIN_FILLER_FRAME = 42  # Ethernet + IPv4 + UDP headers, empty payload
 FILLER_ERROR_S = 0.25e-3  # largest serialisation time a filler packet may hide
@@ -71,13 +72,15 @@ def filler_frame_bytes(rate_kbit: float) -> int | None:
     if rate_kbit >= NO_FILLER_ABOVE_KBIT:
         return None
     bytes_per_s = rate_kbit * 1000 / 8
-    return int(
-        min(PACKET_BYTES + FRAME_OVERHEAD, max(MIN_FILLER_FRAME, bytes_per_s * FILLER_ERROR_S))
-    )
+    largest = PACKET_BYTES + ETHERNET_HEADER
+    return int(min(largest, max(MIN_FILLER_FRAME, bytes_per_s * FILLER_ERROR_S)))
 
 
 def shape(ns: str, dev: str, kind: str, rate_kbit: float, profile: LinkProfile) -> None:
-    """Replace the root qdisc of dev in ns with a tbf (+ pfifo_fast bands) or a netem."""
+    """Replace the root qdisc of dev in ns with a tbf (+ pfifo_fast bands) or a netem.
+
+    Both meter whole Ethernet frames (IP/TCP headers included), as a veth carries them.
+    """
     base = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "handle", "1:"]
     if kind == "netem":
         run([*base, *netem_args(rate_kbit, profile)])
