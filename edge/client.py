@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
 from edge.wire import DTYPES, encode_frame, from_tensor, to_tensor
 from protos import policy_pb2 as pb
@@ -48,6 +49,8 @@ class ClientConfig:
     fallback: str = "last"  # "last" or an integer action
     backoff_s: tuple[float, float] = (0.05, 2.0)
     client_id: str = ""
+    # TLS / mutual TLS / bearer token; None reads SPLITEDGE_CA, _CERT, _KEY, _TOKEN_FILE
+    security: ChannelSecurity | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -147,7 +150,7 @@ class PolicyClient:
 
     def _open(self, timeout: float | None = None) -> None:
         self._close_channel()
-        self._channel = grpc.insecure_channel(
+        self._channel = make_channel(
             self.config.server,
             options=[
                 ("grpc.max_receive_message_length", 8 << 20),
@@ -156,6 +159,7 @@ class PolicyClient:
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.keepalive_time_ms", 30_000),
             ],
+            security=self.config.security,
         )
         self._stub = pb_grpc.PolicyStub(self._channel)
         mode = pb.MODE_SPLIT if self.config.mode == "split" else pb.MODE_RAW
@@ -220,7 +224,8 @@ class PolicyClient:
             d.fallback, d.error = True, _describe(e)
             d.action = self._last_action
             self.fallbacks += 1
-            self._schedule_reconnect()
+            if not isinstance(e, _Waiting):  # waiting out a backoff must not re-arm it
+                self._schedule_reconnect()
         else:
             t2 = time.perf_counter()
             d.action = self._decode_action(reply.action)
@@ -246,7 +251,7 @@ class PolicyClient:
     def _exchange(self, request: pb.ActRequest, deadline: float) -> pb.ActReply:
         if self._stub is None:
             if time.perf_counter() < self._retry_at:
-                raise ConnectionError("not connected (waiting to reconnect)")
+                raise _Waiting("not connected (waiting to reconnect)")
             self.reconnects += 1
             try:
                 self._open(timeout=max(deadline - time.perf_counter(), 1e-3))
@@ -276,6 +281,10 @@ class PolicyClient:
         self._retry_at = time.perf_counter() + self._backoff * random.uniform(0.8, 1.2)
         self._close_channel()
         self._stub = None
+
+
+class _Waiting(ConnectionError):
+    """No connection, and the reconnect backoff has not passed yet."""
 
 
 def _describe(e: BaseException) -> str:
