@@ -371,5 +371,13 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             *[f"- {line}" for line in verdicts(result)],
             "",
+            "`naive / split server CPU` is the capacity ratio: how many more decisions one "
+            "CPU-second of the server buys, whether or not the server was the bottleneck. "
+            "Batching amortises the model call; it cannot amortise gRPC's per-call cost, "
+            "which in gRPC Python is several times a stream message's. So unary calls gain "
+            "less than streams, and here the closed-loop clients share the server's two "
+            "CPUs, which caps the decisions/s any server can show. Edge clients stream by "
+            "default (`ClientConfig.rpc = 'stream'`).",
+            "",
         ]
     )

@@ -375,3 +375,17 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_action(tiny_bundle
         assert s.servicer.head.batch_sizes == {6: 1}  # one model call answered all six
     finally:
         stop(s)
+
+
+def test_plain_functions_work_without_grpc(served: Served) -> None:
+    """hello() and decide() are the servicer's core; the RPC methods only translate."""
+    sid = served.servicer.hello(hello_request(served)).session_id
+    feats = random_features(served, 3, seed=11)
+    want = reference(served.bundle, "head.onnx", feats).tolist()
+    got = [
+        action_of(
+            served.servicer.decide(pb.ActRequest(session_id=sid, input=feature_tensor(served, q)))
+        )
+        for q in feats
+    ]
+    assert got == want

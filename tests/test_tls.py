@@ -278,3 +278,22 @@ def test_bad_tokens_file_is_a_clear_error(tmp_path: Path, tiny_bundle: Path) -> 
                 bundle=tiny_bundle, tls_cert=tmp_path / "a.pem", tls_key=tmp_path / "a.key"
             )
         )
+
+
+def test_policy_client_acts_over_mtls_with_its_token(
+    mtls_tokens: Secured, pki: tuple[Path, Path]
+) -> None:
+    from edge.client import ClientConfig, PolicyClient
+    from splitedge.bundle import load_bundle
+
+    bundle = load_bundle(mtls_tokens.served.bundle)
+    frame = np.zeros((3, 48, 48), np.uint8)
+    good = ClientConfig(server=mtls_tokens.target, backend="ort", security=device(pki[0], "pi-01"))
+    with PolicyClient(bundle, good).connect() as client:
+        client.act(frame)
+        assert client.last is not None and not client.last.fallback
+    stolen = ClientConfig(
+        server=mtls_tokens.target, backend="ort", security=device(pki[0], "pi-01", "pi-02")
+    )
+    with pytest.raises(ConnectionError, match="UNAUTHENTICATED"):
+        PolicyClient(bundle, stolen).connect()
