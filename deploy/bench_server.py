@@ -311,6 +311,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     mine["decisions_per_s"] / naive["decisions_per_s"]
                 )
                 row[f"{kind} p99 ms"] = mine["p99_ms"]
+                # capacity: how many more decisions one server CPU-second buys
+                row[f"naive / {kind} server CPU"] = (
+                    naive["server_cpu_ms_per_decision"] / mine["server_cpu_ms_per_decision"]
+                )
         row["naive p99 ms"] = naive["p99_ms"]
         out.append(row)
     return out

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             "tokens": cfg.tokens is not None,
             "metrics": metrics,
         }
-        extras = [security.upper()] if security != "plaintext" else []
+        extras = [{"mtls": "mutual TLS", "tls": "TLS"}[security]] if security != "plaintext" else []
         extras += ["device tokens"] if cfg.tokens is not None else []
         extras += [f"metrics {metrics}"] if metrics else []
         emit(
