@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from deploy.link.netns import die_with_parent, enter
+from deploy.link.netns import die_with_parent, enter, raise_priority
 from deploy.link.profiles import LinkProfile, get_profile
 from deploy.link.proxy import LinkProxy
 from splitedge.errors import SplitedgeError
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"listening {proxy.address}", flush=True)
         if args.control:
             die_with_parent()
+            raise_priority()
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
             threading.Thread(target=_serve_control, args=(proxy, stop), daemon=True).start()
         while not stop.wait(0.5):

@@ -23,6 +23,7 @@ BURST_BYTES = 1600  # strict: one full-size frame (1514 B) and a little rounding
 MIN_FILLER_FRAME = 42  # Ethernet + IPv4 + UDP headers, empty payload
 FILLER_ERROR_S = 0.25e-3  # largest serialisation time a filler packet may hide
 NO_FILLER_ABOVE_KBIT = 24_000  # a free 1514-byte frame costs < 0.5 ms here anyway
+TXQUEUELEN = 10_000
 FILLER_PRIORITY = 2  # SO_PRIORITY TC_PRIO_BULK: pfifo_fast's lowest band (2); ours is band 1
 
 
@@ -88,9 +89,9 @@ def shape(ns: str, dev: str, kind: str, rate_kbit: float, profile: LinkProfile) 
     run([*base, *tbf_args(rate_kbit, profile.queue_bytes)])
     run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:",
          "pfifo_fast"])  # fmt: skip
-    # pfifo_fast holds txqueuelen packets: about the profile's queue.
-    qlen = max(4, profile.queue_bytes // PACKET_BYTES)
-    run(["ip", "-n", ns, "link", "set", dev, "txqueuelen", str(qlen)])
+    # pfifo_fast drops whatever arrives when txqueuelen packets wait, whatever the band, so
+    # leave room for the filler's queue; TCP's small-queue logic keeps ours short anyway.
+    run(["ip", "-n", ns, "link", "set", dev, "txqueuelen", str(TXQUEUELEN)])
 
 
 def unshape(ns: str, dev: str) -> None:
