@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from types import FrameType
@@ -29,6 +30,7 @@ from splitedge.errors import SplitedgeError
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Policy"].full_name  # "splitedge.v1.Policy"
 T = TypeVar("T")
+GIL_SWITCH_S = 0.0005
 
 
 class PolicyServer:
@@ -159,6 +161,10 @@ def serve(
     stop: threading.Event | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (or `stop` is set): NOT_SERVING, drain for grace_s, return 0."""
+    # Each decision crosses from the event loop to the batcher thread and back; with the
+    # default 5 ms GIL switch interval a busy thread can hold that hand-off up to 5 ms,
+    # which showed as a 5 ms p99 for a lone client. This process is ours: switch sooner.
+    sys.setswitchinterval(GIL_SWITCH_S)
     servicer = PolicyServicer.from_config(cfg)
     try:
         server, _port = create_server(cfg, servicer)
