@@ -51,7 +51,8 @@ between stacked frames, as with a camera.
   per env step after 500 random steps, gamma 0.98, tau 0.01, heads 256-256, learning
   rate 1e-3 (SAC) / 5e-4 (DDPG, Gaussian action noise 0.3). Off-policy agents share one
   encoder between actor and critic, trained by the critic loss only, the actor reading
-  detached features (DrQ / SAC-AE recipe).
+  detached features (DrQ / SAC-AE recipe). Nothing is tuned per encoder, so an encoder
+  that fails under these shared settings might learn under others.
 
 ## Metrics
 
@@ -160,7 +161,12 @@ def parity_lines(cells: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]
             for metric, label in (("final", "final-100"), ("eval", "deterministic eval")):
                 gap = s[metric][0] - base[metric][0]
                 within = abs(gap) <= base[metric][1]
-                verdict = "within" if within else "outside"
+                verdict = (
+                    "within one Full-CNN standard deviation"
+                    if within
+                    else ("ahead" if gap > 0 else "behind")
+                    + " by more than one Full-CNN standard deviation"
+                )
                 gain = base[metric][0] - base["random"]
                 share = (
                     f"; {100 * (s[metric][0] - s['random']) / gain:.0f}% of Full-CNN's gain "
@@ -171,7 +177,7 @@ def parity_lines(cells: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]
                 lines.append(
                     f"- {task} / {algo}, {label}: {enc} {_pm(s[metric])} vs Full-CNN "
                     f"{_pm(base[metric])}: gap {gap:+.1f}, "
-                    f"{verdict} one Full-CNN standard deviation{share}."
+                    f"{verdict}{share}."
                 )
         mini, full = cells.get((task, algo, "miniconv")), base
         if mini is not None:
@@ -270,6 +276,22 @@ def reacher_ik_return(episodes: int = 100, seed: int = 20_000) -> float:
     return float(np.mean(returns))
 
 
+ZOO_RESULT = Path(__file__).resolve().parent / "zoo" / "cartpole-ppo.result.json"
+
+
+def zoo_line() -> list[str]:
+    """The shipped CartPole bundle's longer MiniConv run, for scale (empty if absent)."""
+    if not ZOO_RESULT.exists():
+        return []
+    r = json.loads(ZOO_RESULT.read_text())
+    return [
+        f"For scale: the shipped `models/zoo/cartpole-ppo` (MiniConv, same PPO settings) "
+        f"was trained for {r['timesteps']} steps and reached a final-100 return of "
+        f"{r['final_100_mean_return']:.1f} (`{r['command']}`).",
+        "",
+    ]
+
+
 def write_report(runs_dir: Path, out: Path, command: str, preamble: str = "") -> dict[str, Any]:
     """Write the markdown report and one plot per task next to it; return what it summarised."""
     results = load_runs(runs_dir)
@@ -314,6 +336,7 @@ def write_report(runs_dir: Path, out: Path, command: str, preamble: str = "") ->
             if any(t == "reacher-pixels" for t, _, _ in cells)
             else []
         ),
+        *(zoo_line() if any(t == "cartpole-pixels" for t, _, _ in cells) else []),
         f"Cells with fewer than 3 seeds: {', '.join(thin)}."
         if thin
         else "Every cell has 3 or more seeds.",

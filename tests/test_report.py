@@ -70,13 +70,17 @@ def test_report_table_parity_and_plot(tmp_path: Path) -> None:
         assert f"| {encoder} | 3 | {mean:.1f} ± {std:.1f} |" in text
     gap = statistics.mean([480.0, 500.0, 430.0]) - statistics.mean([500.0, 490.0, 470.0])
     nat_std = statistics.stdev([500.0, 490.0, 470.0])
-    verdict = "within" if abs(gap) <= nat_std else "outside"
+    verdict = (
+        "within one Full-CNN standard deviation"
+        if abs(gap) <= nat_std
+        else "behind by more than one Full-CNN standard deviation"
+    )
     share = (
         100
         * (statistics.mean([480.0, 500.0, 430.0]) - 22.0)
         / (statistics.mean([500.0, 490.0, 470.0]) - 22.0)
     )
-    assert f"gap {gap:+.1f}, {verdict} one Full-CNN standard deviation; {share:.0f}% of" in text
+    assert f"gap {gap:+.1f}, {verdict}; {share:.0f}% of" in text
     assert "Every cell has 3 or more seeds." in text
     assert f"ratio {20_000 / 1_020_000:.3f}" in text  # head vs the same policy run whole
     assert f"ratio {20_000 / 3_070_000:.4f}" in text  # head vs the Full-CNN policy run whole
