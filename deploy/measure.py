@@ -194,7 +194,8 @@ def measure_cell(
     return Cell(
         profile.name, mode, clients, summary, per["link_up"], per["link_down"],
         per["bytes_up"], per["bytes_down"], bound, records, results[0].encoder,
-        bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds, server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
+        bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds,
+        server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
     )  # fmt: skip
 
 
