@@ -27,6 +27,7 @@ import numpy as np
 
 from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
+from edge.tls_check import diagnose
 from edge.wire import DTYPES, encode_frame, from_tensor, to_tensor
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
@@ -34,6 +35,14 @@ from splitedge.bundle import Bundle, load_bundle
 from splitedge.errors import SplitedgeError
 
 MODES = ("split", "raw", "raw-png", "raw-jpeg")
+
+
+class Unauthenticated(ConnectionError):
+    """The server refused this device's credentials; retrying will not help."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 GRPC_PREFIX = 5  # gRPC length-prefixed message header
 
 
@@ -145,10 +154,12 @@ class PolicyClient:
     # -- connection -------------------------------------------------------------------------
     def connect(self) -> PolicyClient:
         """Open the channel and say Hello; raises SplitedgeError if the server refuses the bundle."""
-        self._open()
+        self._open(explain=True)
         return self
 
-    def _open(self, timeout: float | None = None) -> None:
+    def _open(self, timeout: float | None = None, explain: bool = False) -> None:
+        """Channel + Hello. explain: on a failed connection, find out whether the server
+        refused our TLS credentials (a few seconds; never inside act's deadline)."""
         self._close_channel()
         self._channel = make_channel(
             self.config.server,
@@ -184,7 +195,19 @@ class PolicyClient:
             self._close_channel()
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise SplitedgeError(f"server refused the bundle: {e.details()}") from e
-            raise ConnectionError(f"{self.config.server}: {e.code().name} {e.details()}") from e
+            if explain and e.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
+                # a refused TLS credential looks like a dead server to gRPC: ask TLS itself
+                security = self.config.security or ChannelSecurity.from_env()
+                reason = diagnose(self.config.server, security)
+                if reason is not None:
+                    raise Unauthenticated(f"{self.config.server}: UNAUTHENTICATED {reason}") from e
+            failure = (
+                Unauthenticated if e.code() == grpc.StatusCode.UNAUTHENTICATED else ConnectionError
+            )
+            raise failure(f"{self.config.server}: {e.code().name} {e.details()}") from e
         self._session = reply.session_id
         if self.config.rpc == "stream":
             self._stream = _Stream(self._stub)

@@ -4,7 +4,9 @@ combination is refused and never reaches the model.
 Refusals come from two layers. A token problem (none, unknown, malformed, another device's
 token) reaches our interceptor: UNAUTHENTICATED. A transport problem (plaintext to a TLS port,
 no client certificate under mTLS, a certificate from another CA, a server the client does not
-trust) fails the TLS handshake before any RPC exists, and gRPC reports UNAVAILABLE.
+trust) fails the TLS handshake before any RPC exists, so a bare gRPC stub can only report
+UNAVAILABLE; splitedge's PolicyClient then replays the handshake (edge.tls_check), reads the
+server's alert and raises Unauthenticated naming the reason. Both are checked here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edge.channel import ChannelSecurity, make_channel
+from edge.client import Unauthenticated
+from edge.tls_check import diagnose
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from server.app import PolicyServer, create_server
@@ -197,6 +201,39 @@ def test_transport_problems_fail_the_handshake(
         security = ChannelSecurity()
     e = refused(mtls_tokens, security)
     assert e.code() == UNAVAILABLE, (case, e.code(), e.details())
+    with pytest.raises(Unauthenticated, match=f"UNAUTHENTICATED {TRANSPORT_REASONS[case]}"):
+        client(mtls_tokens, security).connect()
+
+
+TRANSPORT_REASONS = {
+    "plaintext client": "the server speaks TLS and this device connected in plaintext",
+    "no client certificate": "the server requires a device certificate",
+    "certificate from another CA": "the server refused this device's certificate",
+    "client does not trust the server": "this device does not trust the server's certificate",
+    "wrong server name": "this device does not trust the server's certificate for "
+    "'policy.elsewhere'",
+}
+
+
+def client(s: Secured, security: ChannelSecurity) -> Any:
+    """splitedge's device client for the secured server's bundle, short deadlines."""
+    from edge.client import ClientConfig, PolicyClient
+    from splitedge.bundle import load_bundle
+
+    cfg = ClientConfig(server=s.target, backend="ort", deadline_s=1.0, security=security)
+    return PolicyClient(load_bundle(s.served.bundle), cfg)
+
+
+def test_a_server_that_is_down_is_not_called_unauthenticated(
+    tiny_bundle: Path, pki: tuple[Path, Path]
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for security in (ChannelSecurity(), device(pki[0], "pi-01")):
+        assert diagnose(f"127.0.0.1:{port}", security, timeout=1.0) is None
 
 
 def test_health_needs_no_token_but_reflection_does(
@@ -240,6 +277,10 @@ def test_tls_without_client_certificates(tls_only: Secured, pki: tuple[Path, Pat
         ChannelSecurity(ca=ours / "ca.pem", server_name="policy.elsewhere"),  # wrong name
     ):
         assert refused(tls_only, security).code() == UNAVAILABLE
+    wrong_name = ChannelSecurity(ca=ours / "ca.pem", server_name="policy.elsewhere")
+    with pytest.raises(Unauthenticated, match=TRANSPORT_REASONS["wrong server name"]):
+        client(tls_only, wrong_name).connect()
+    assert diagnose(tls_only.target, ChannelSecurity(ca=ours / "ca.pem")) is None  # valid
 
 
 def test_tokens_on_a_loopback_plaintext_server(
@@ -248,6 +289,8 @@ def test_tokens_on_a_loopback_plaintext_server(
     token = pki[0] / "devices" / "pi-02.token"
     assert act(tokens_only, ChannelSecurity(token_file=token)) in (0, 1)
     assert refused(tokens_only, ChannelSecurity()).code() == UNAUTH
+    # TLS to a plaintext server is a misconfiguration, not a credential the server refused
+    assert diagnose(tokens_only.target, ChannelSecurity(ca=pki[0] / "ca.pem")) is None
 
 
 def test_channel_security_from_environment(pki: tuple[Path, Path]) -> None:

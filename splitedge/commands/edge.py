@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edge.agent import run_loop
-    from edge.client import ClientConfig, PolicyClient
+    from edge.client import ClientConfig, PolicyClient, Unauthenticated
     from edge.telemetry import peak_rss_mb, summarise
     from splitedge.bundle import load_bundle
     from splitedge.errors import SplitedgeError
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     client = PolicyClient(bundle, cfg)
     try:
         client.connect()
+    except Unauthenticated as e:
+        raise SplitedgeError(f"the policy server refused this device: {e}") from e
     except ConnectionError as e:
         raise SplitedgeError(
             f"cannot reach the policy server: {e}. Is `splitedge serve` running there?"
