@@ -13,11 +13,13 @@ no stream waits for a worker.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -41,9 +43,15 @@ class NaivePolicy(pb_grpc.PolicyServicer):
     def Act(self, request: pb.ActRequest, context: grpc.ServicerContext) -> pb.ActReply:  # noqa: N802
         obs = np.frombuffer(request.input.data, np.uint8).reshape(self.shape)
         action, _ = self.model.predict(obs, deterministic=True)
-        a = np.atleast_1d(np.asarray(action)).astype("<i8")
+        a = np.atleast_1d(np.asarray(action))
+        # as the splitedge server replies: a discrete action is [1] INT64, a continuous one FLOAT32
+        if a.dtype.kind in "iu":
+            a, dtype = a.astype("<i8"), pb.INT64
+        else:
+            a, dtype = a.astype("<f4"), pb.FLOAT32
         return pb.ActReply(
-            step=request.step, action=pb.Tensor(shape=[1], dtype=pb.INT64, data=a.tobytes())
+            step=request.step,
+            action=pb.Tensor(shape=list(a.shape), dtype=dtype, data=a.tobytes()),
         )
 
     def ActStream(  # noqa: N802
@@ -53,6 +61,13 @@ class NaivePolicy(pb_grpc.PolicyServicer):
             yield self.Act(request, context)
 
 
+def _recorded_algo(model: Path) -> str:
+    result = model.parent / "result.json"
+    if result.is_file():
+        return str(json.loads(result.read_text()).get("config", {}).get("algo", "ppo"))
+    return "ppo"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve the SB3 model until SIGTERM; prints one 'serving' line when ready."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--workers", type=int, default=300, help="gRPC threads (one per client)")
-    p.add_argument("--algo", default="ppo", choices=("ppo", "sac", "ddpg"), help="SB3 algorithm")
+    p.add_argument(
+        "--algo",
+        default=None,
+        choices=("ppo", "sac", "ddpg"),
+        help="SB3 algorithm (default: config.algo of result.json beside the model, else ppo)",
+    )
     p.add_argument("--torch-threads", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -68,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    model = getattr(stable_baselines3, args.algo.upper()).load(args.model, device="cpu")
+    algo = args.algo or _recorded_algo(Path(args.model))
+    model = getattr(stable_baselines3, algo.upper()).load(args.model, device="cpu")
     model.predict(np.zeros(model.observation_space.shape, np.uint8), deterministic=True)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))

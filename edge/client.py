@@ -149,7 +149,16 @@ class PolicyClient:
         self._last_action = self._initial_action()
 
     def _initial_action(self) -> Any:
-        return 0 if self.config.fallback == "last" else int(self.config.fallback)
+        value = 0 if self.config.fallback == "last" else int(self.config.fallback)
+        if self._action["type"] == "discrete":
+            return value
+        # continuous: the value in every component, kept inside the action space's bounds
+        a = np.full(self._action.get("shape", [1]), value, np.float32)
+        if "low" in self._action and "high" in self._action:
+            low = np.asarray(self._action["low"], np.float32).reshape(a.shape)
+            high = np.asarray(self._action["high"], np.float32).reshape(a.shape)
+            a = np.clip(a, low, high)
+        return a
 
     # -- connection -------------------------------------------------------------------------
     def connect(self) -> PolicyClient:

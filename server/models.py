@@ -13,6 +13,9 @@ from splitedge.bundle import Bundle, load_bundle
 from splitedge.errors import SplitedgeError
 from splitedge.onnx import cpu_session
 
+# discrete: head.onnx gives int64 (B,); continuous: float32 (B, *shape) inside [low, high]
+ACTION_TYPES = ("discrete", "continuous")
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -102,6 +105,10 @@ class PolicyModels:
             raise SplitedgeError(
                 f"bundle {path}: features and observations must be uint8, got "
                 f"{features.dtype} and {observation.dtype}"
+            )
+        if action_type not in ACTION_TYPES:
+            raise SplitedgeError(
+                f"bundle {path}: action type must be one of {ACTION_TYPES}, got {action_type!r}"
             )
         if not (math.isfinite(features.scale) and features.scale > 0):
             raise SplitedgeError(f"bundle {path}: feature scale must be > 0, got {features.scale}")

@@ -81,3 +81,32 @@ def test_bench_server_refuses_bad_options_in_one_line() -> None:
             args,
             r.stderr,
         )
+
+
+def test_naive_server_replies_with_the_action_type_of_its_model(tmp_path: Path) -> None:
+    import numpy as np
+
+    from deploy.naive_server import NaivePolicy, _recorded_algo
+    from edge.wire import from_tensor
+    from models.export import load_model
+    from models.train import TrainConfig, build_model
+    from protos import policy_pb2 as pb
+
+    # untrained models are enough: only the reply's encoding is checked, against predict
+    for algo, task in (("ppo", "cartpole-pixels"), ("sac", "pendulum-pixels")):
+        cfg = TrainConfig(
+            task=task, algo=algo, n_envs=1, hyper={} if algo == "ppo" else {"buffer_size": 100}
+        )
+        run = tmp_path / algo
+        run.mkdir()
+        build_model(cfg).save(run / "model.zip")
+        (run / "result.json").write_text(json.dumps({"config": {"algo": algo}}))
+        assert _recorded_algo(run / "model.zip") == algo
+        model, _ = load_model(run / "model.zip")
+        obs = np.random.default_rng(0).integers(0, 256, model.observation_space.shape, np.uint8)
+        request = pb.ActRequest(step=3, input=pb.Tensor(data=obs.tobytes()))
+        reply = NaivePolicy(model).Act(request, None)  # type: ignore[arg-type]
+        expected = np.atleast_1d(model.predict(obs, deterministic=True)[0])
+        got = from_tensor(reply.action)
+        assert reply.step == 3 and got.dtype == (np.int64 if algo == "ppo" else np.float32)
+        np.testing.assert_array_equal(got, expected)

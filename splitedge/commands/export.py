@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         type=Path,
         required=True,
-        help="SB3 model.zip (result.json beside it is recorded)",
+        help="SB3 model.zip of a ppo, sac or ddpg run with a miniconv encoder "
+        "(result.json beside it is recorded)",
     )
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument(
