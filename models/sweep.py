@@ -15,7 +15,7 @@ from pathlib import Path
 
 # task -> (algorithm, env steps): sized so one run takes a few minutes on one busy core
 PLAN: dict[str, tuple[str, int]] = {
-    "cartpole-pixels": ("ppo", 150_000),
+    "cartpole-pixels": ("ppo", 500_000),
     "pendulum-pixels": ("sac", 10_000),
     "reacher-pixels": ("ddpg", 10_000),
 }
