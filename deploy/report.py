@@ -84,8 +84,23 @@ def bars(doc: dict[str, Any]) -> list[dict[str, Any]]:
             # The most any emulator could show: raw's bound over split's, same bytes, zero overhead.
             row["ceiling_from_bounds"] = raw["bound_ms"] / split["bound_ms"]
             row["speedup_5x"] = row["raw_over_split_p50"] >= SPEEDUP_BAR
+            row["raw_msg_B"] = raw["msg_up_B"]
+            row["raw_msg_B_for_5x"] = raw_message_for_speedup(prof, split, raw)
         out.append(row)
     return out
+
+
+def raw_message_for_speedup(
+    prof: dict[str, Any], split: dict[str, Any], raw: dict[str, Any], speedup: float = SPEEDUP_BAR
+) -> float:
+    """The raw observation message (bytes) at which raw's bound is `speedup` x split's bound on
+    this link: raw's measured fixed part (round trip, reply, compute) kept, its uplink
+    serialisation grown at the measured wire-bytes-per-message-byte ratio."""
+    per_msg_byte = raw["bound_up_B"] / raw["msg_up_B"]  # headers, ACK-free frames
+    uplink_ms = raw["bound_up_B"] * 8 / prof["up_kbit"]
+    fixed_ms = raw["bound_ms"] - uplink_ms
+    need_ms = speedup * split["bound_ms"] - fixed_ms
+    return max(0.0, need_ms * prof["up_kbit"] / 8 / per_msg_byte)
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -250,7 +265,10 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         parts += ["", f"## Bars on links with a direction <= {SLOW_LINK_KBIT} kbit/s", "",
                   "`within_bound`: split p50 within 5% or 3 ms of its bound. `speedup_5x`: raw p50 "
                   ">= 5 x split p50. `ceiling_from_bounds` is raw's bound over split's: no emulator "
-                  "and no software could show a larger speedup on that link.", "",
+                  "and no software could show a larger speedup on that link. `raw_msg_B_for_5x`: the raw "
+                  "observation message at which that ceiling reaches 5x, next to the one this bundle "
+                  "sends (`raw_msg_B`); on long round trips only a much larger frame gets there.",
+                  "",
                   _md_table(b, list(dict.fromkeys(k for row in b for k in row)))]  # fmt: skip
     if doc.get("self_check"):
         checks = doc["self_check"]

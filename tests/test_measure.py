@@ -137,3 +137,30 @@ def test_measure_refuses_lora_with_reason(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "link 'lora' cannot carry a feature tensor per step" in err
     assert "1% duty cycle" in err
+
+
+def test_slow_link_bars_and_the_frame_that_would_reach_5x() -> None:
+    """The bars table against profiles.bound_ms: a raw message of the reported size has
+    exactly 5x split's bound on that link."""
+    from deploy.link.profiles import bound_ms, load_profiles
+    from deploy.report import bars
+
+    prof = load_profiles()["dsl"]
+    wire_per_msg, down_b, compute_ms = 1.05, 226.0, 1.5
+    split_b = bound_ms(prof, 235.0, 118.0) + compute_ms
+    raw_msg = 6938.0
+    raw_b = bound_ms(prof, raw_msg * wire_per_msg, down_b) + compute_ms
+    rows = [
+        {"link": "dsl", "mode": "split", "clients": 1, "p50_ms": split_b + 1, "bound_ms": split_b},
+        {
+            "link": "dsl", "mode": "raw", "clients": 1, "p50_ms": raw_b + 1, "bound_ms": raw_b,
+            "msg_up_B": raw_msg, "bound_up_B": raw_msg * wire_per_msg,
+        },
+    ]  # fmt: skip
+    doc = {"rows": rows, "profiles": {"dsl": prof.__dict__}}
+    (row,) = bars(doc)
+    assert row["within_bound"] and not row["speedup_5x"]
+    assert row["ceiling_from_bounds"] == pytest.approx(raw_b / split_b)
+    x = row["raw_msg_B_for_5x"]
+    assert x > raw_msg
+    assert bound_ms(prof, x * wire_per_msg, down_b) + compute_ms == pytest.approx(5 * split_b)
