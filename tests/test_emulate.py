@@ -104,3 +104,28 @@ def test_host_key_is_checked_and_the_plain_loopback_fallback_works(tmp_path: Pat
         assert r.returncode == 255 and "verification failed" in r.stderr.lower(), (
             "a wrong host key is refused"
         )
+
+
+@pytest.mark.skipif(not _can_make_netns(), reason="needs root and ip netns")
+def test_a_killed_emulators_namespace_is_reaped_by_the_next_start() -> None:
+    from deploy.emulate.device import OWNERS
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs: the emulator that made the namespace was killed
+    ns = f"se-stale{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    OWNERS.mkdir(exist_ok=True)
+    (OWNERS / f"{ns}.pid").write_text(str(dead.pid))
+    live = f"se-live{os.getpid() % 10000}"  # a namespace whose maker still runs: kept
+    subprocess.run(["ip", "netns", "add", live], check=True)
+    (OWNERS / f"{live}.pid").write_text(str(os.getpid()))
+    try:
+        with EmulatedDevice("pi-zero-2w") as dev:
+            names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            assert ns not in names and not (OWNERS / f"{ns}.pid").exists()
+            assert live in names
+            assert dev.caps.netns
+    finally:
+        subprocess.run(["ip", "netns", "del", live], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        (OWNERS / f"{live}.pid").unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from deploy.flash.preflight import requirements
 from splitedge.errors import SplitedgeError
 
 SSHD = "/usr/sbin/sshd"
+OWNERS = Path("/run/splitedge-emu")  # <namespace>.pid: who made each device's namespace
 INSTALL_HINT = "install it with: apt-get install -y openssh-server rsync"
 
 
@@ -139,6 +140,7 @@ class EmulatedDevice:
                 )
         shutil.copy(keys / "client_ed25519.pub", keys / "authorized_keys")
         if self.isolate and os.geteuid() == 0:
+            reap_stale()
             self._try_netns()
         else:
             self.caps.notes.append("not root: no namespace, no cgroup")
@@ -177,6 +179,8 @@ class EmulatedDevice:
             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
         ]
         self._netns, self._veth = ns, host_if
+        OWNERS.mkdir(exist_ok=True)
+        (OWNERS / f"{ns}.pid").write_text(str(os.getpid()))
         for argv in steps:
             r = _run(argv) if shutil.which("ip") else None
             if r is None or r.returncode != 0:
@@ -329,6 +333,7 @@ class EmulatedDevice:
         if self._netns:
             _run(["ip", "link", "del", self._veth])
             _run(["ip", "netns", "del", self._netns])
+            (OWNERS / f"{self._netns}.pid").unlink(missing_ok=True)
             self._netns = None
 
     def cleanup(self) -> None:
@@ -354,6 +359,50 @@ class EmulatedDevice:
             "isolation": self.caps.describe(),
             "memory_limit_mb": self.profile.ram_mb if self.caps.cgroup else None,
         }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale() -> list[str]:
+    """Remove what killed emulators left behind: a device namespace whose maker is dead and
+    that holds no process (its veth goes with it), and empty device memory cgroups.
+    Returns what was removed."""
+    removed = []
+    for owner in OWNERS.glob("se-*.pid") if OWNERS.is_dir() else []:
+        ns = owner.name[: -len(".pid")]
+        try:
+            pid = int(owner.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        busy = (
+            _run(["ip", "netns", "pids", ns]).stdout.strip()
+            if Path("/run/netns", ns).exists()
+            else ""
+        )
+        if (pid and _alive(pid)) or busy:
+            continue
+        if Path("/run/netns", ns).exists():
+            _run(["ip", "netns", "del", ns])
+            removed.append(f"namespace {ns}")
+        owner.unlink(missing_ok=True)
+    found = _memory_cgroup_parent()
+    for group in found[0].glob("splitedge-emu-*") if found else []:
+        try:
+            young = time.time() - group.stat().st_mtime < 60  # maybe a device starting now
+            if not young and not (group / "cgroup.procs").read_text().split():
+                group.rmdir()
+                removed.append(f"cgroup {group.name}")
+        except OSError:
+            pass  # in use, or already gone
+    return removed
 
 
 def _free_port() -> int:
