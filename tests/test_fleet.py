@@ -3,6 +3,7 @@ half streaming, half unary); one replica is SIGKILLed mid-run and every client k
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -207,3 +208,64 @@ def test_reconnects_while_acting_faster_than_the_backoff(tiny_bundle: Path) -> N
         client.close()
         server.close()
         server.servicer.close()
+
+
+DNS_FLEET = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from edge.client import ClientConfig, PolicyClient
+from server.app import create_server
+from server.config import ServerConfig
+from splitedge.bundle import load_bundle
+
+port, bundle = int(sys.argv[1]), Path(sys.argv[2])
+servers = []
+for ip in ("127.0.0.2", "127.0.0.3"):  # two replicas, one DNS name with a record for each
+    server, _ = create_server(ServerConfig(bundle=bundle, host=ip, port=port))
+    server.start()
+    servers.append(server)
+b = load_bundle(bundle)
+frame = np.zeros(b.policy["observation"]["shape"], np.uint8)
+cfg = ClientConfig(server=f"dns:///policy.test:{port}", backend="ort", rpc="unary")
+with PolicyClient(b, cfg).connect() as client:
+    for _ in range(40):
+        client.act(frame)
+    fallbacks = client.fallbacks
+print(json.dumps({"decisions": [s.servicer.stats()["decisions"] for s in servers],
+                  "fallbacks": fallbacks}))
+for s in servers:
+    s.close()
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not Path("/usr/bin/unshare").exists() or os.geteuid() != 0,
+    reason="needs root and unshare(1) for a private /etc/hosts",
+)
+def test_round_robin_over_the_records_of_one_dns_name(tmp_path: Path) -> None:
+    """`dns:///name:port` with two A records: gRPC's resolver returns both and round_robin
+    spreads one device's calls over them. The name lives in a private /etc/hosts (a mount
+    namespace), which both of gRPC's resolvers read."""
+    import json
+    import subprocess
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.2 policy.test\n127.0.0.3 policy.test\n")
+    script = tmp_path / "dns_fleet.py"
+    script.write_text(DNS_FLEET)
+    inner = f"mount --bind {hosts} /etc/hosts && exec {sys.executable} {script} " \
+        f"{free_port()} {ZOO_BUNDLE}"  # fmt: skip
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", inner],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fallbacks"] == 0
+    a, b = result["decisions"]
+    assert a + b == 40 and min(a, b) >= 10, result  # both records served: not pick-first
