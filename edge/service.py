@@ -246,20 +246,38 @@ def verify_release(release: Path, public_key: Path | None) -> dict[str, Any]:
     }
 
 
+def llm_health(release: Path, out: dict[str, Any]) -> dict[str, Any]:
+    """The health gate for an llm bundle: its recorded greedy probe, no server, no service."""
+    from edge.llm.probe import check_probe
+
+    t0 = time.monotonic()
+    probe = check_probe(release / "bundle")
+    probe["seconds"] = round(time.monotonic() - t0, 3)
+    out.update(ok=probe["ok"], kind="llm", probe=probe)
+    if not probe["ok"]:
+        out["error"] = probe.get("error") or "llm probe failed"
+    return out
+
+
 def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[str, Any]:
-    """The health gate on the device: probe frame vs expected features, then one real round trip."""
+    """The health gate on the device: probe frame vs expected features, then one real round trip.
+
+    An llm bundle has no control loop: its gate is the recorded greedy probe (llm_health).
+    """
     import numpy as np
 
     from edge.client import ClientConfig, PolicyClient
-    from splitedge.bundle import load_bundle
+    from splitedge.bundle import load_bundle, read_manifest
     from splitedge.errors import SplitedgeError
 
-    cfg = ServiceConfig.load(release / "service.json")
     out: dict[str, Any] = {
         "ok": False,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "release": release.resolve().name,
     }
+    if read_manifest(release / "bundle")["kind"] == "llm":
+        return llm_health(release, out)
+    cfg = ServiceConfig.load(release / "service.json")
     bundle = load_bundle(cfg.bundle)
     probe = np.load(release / "probe.npz")
     frame, expected, tol = probe["frame"], probe["features"], int(probe["tolerance_lsb"])

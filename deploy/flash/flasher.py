@@ -95,7 +95,8 @@ def dry_run_plan(opts: FlashOptions) -> list[dict[str, str]]:
             "step": "package",
             "command": "build splitedge wheel (edge, protos, splitedge only)"
             + (", pip download every dependency for the device's platform" if opts.offline else "")
-            + "; probe features with encoder.onnx; service.json; systemd unit",
+            + "; probe features with encoder.onnx; service.json; systemd unit"
+            + " (an llm bundle: none of these, its probe is in the manifest)",
         },
         {
             "step": "transfer",
@@ -129,7 +130,8 @@ def dry_run_plan(opts: FlashOptions) -> list[dict[str, str]]:
         {
             "step": "health",
             "command": f"{py} -m edge.service health --release {root}/current"
-            + f" (server {opts.server or 'from the current release'}); on failure: roll back",
+            + f" (server {opts.server or 'from the current release'}; an llm bundle: its greedy "
+            "probe, no server); on failure: roll back",
         },
     ]
 
@@ -159,8 +161,9 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         and facts["trusted_key"].split()[:2] != key_line.split()[:2]
     ):
         problems.append(f"the device trusts a different signing key ({root}/etc/signing.pub)")
-    server = opts.server or facts["current_server"]
-    if not server:
+    llm = bundle.kind == "llm"  # no control loop: no server, no service, a greedy-decode probe
+    server = None if llm else opts.server or facts["current_server"]
+    if not server and not llm:
         problems.append(
             "no policy server: pass --server HOST:PORT (the device has no previous release to take it from)"
         )
@@ -176,7 +179,9 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="splitedge-flash-") as tmp:
         info = stage_release(bundle, Path(tmp) / release, root, server, source, sink, opts.service)
-        camera = ("opencv-python-headless",) if source["kind"] in ("camera", "video") else ()
+        camera = (
+            ("opencv-python-headless",) if not llm and source["kind"] in ("camera", "video") else ()
+        )
         runtime = plan_runtime(facts, opts.offline, opts.pip_args, extra=camera)
         steps.done(
             "package",
@@ -241,7 +246,7 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         "switch",
         f"current -> {release} (was {switched['previous'] or 'empty'}); {switched['service']}",
     )
-    gate = health_gate(t, root, python, server)
+    gate = health_gate(t, root, python, server, llm=llm)
     if not gate["ok"] and switched["previous"] == release:
         raise SplitedgeError(
             f"health gate failed on {t.target}: {gate.get('error')}. {release} was already "
@@ -264,12 +269,7 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
             f"health gate failed on {t.target}: {gate.get('error')}. Rolled back automatically: "
             f"current is {restored or 'empty (this was the first flash)'}, {back['service']}"
         )
-    enc, rtt = gate["encoder"], gate["round_trip"]
-    steps.done(
-        "health",
-        f"probe max diff {enc['max_diff_lsb']} LSB (tol {enc['tolerance_lsb']}); "
-        f"round trip to {rtt['server']} {rtt['rtt_ms']:.1f} ms, action {rtt['action']}; service {gate['service']}",
-    )
+    steps.done("health", health_summary(gate))
     return {
         "host": str(t.target),
         "release": release,
@@ -307,12 +307,38 @@ def _device_health(t: Transport, root: str, python: str, server: str | None) -> 
     return dict(json.loads(lines[-1]))
 
 
+def health_summary(gate: dict[str, Any]) -> str:
+    """One line on a passed health gate, for the steps table."""
+    if gate.get("kind") == "llm":
+        p = gate["probe"]
+        if p["check"] == "probe":
+            return (
+                f"greedy probe {len(p['got_ids'])} ids after {p['prompt_tokens']} prompt tokens "
+                f"match exactly, tokenizer ok ({p['seconds']:.1f} s); no service (llm bundle)"
+            )
+        return f"{p['note']}: {p['logits']} finite logits; no service (llm bundle)"
+    enc, rtt = gate["encoder"], gate["round_trip"]
+    return (
+        f"probe max diff {enc['max_diff_lsb']} LSB (tol {enc['tolerance_lsb']}); "
+        f"round trip to {rtt['server']} {rtt['rtt_ms']:.1f} ms, action {rtt['action']}; "
+        f"service {gate['service']}"
+    )
+
+
 def health_gate(
-    t: Transport, root: str, python: str, server: str | None, settle_s: float = 0.5
+    t: Transport,
+    root: str,
+    python: str,
+    server: str | None,
+    settle_s: float = 0.5,
+    llm: bool = False,
 ) -> dict[str, Any]:
-    """Probe + round trip on the device, then make sure the restarted service is still up."""
+    """Probe + round trip on the device, then make sure the restarted service is still up.
+
+    llm: the bundle's greedy probe only; it has no server and no service to check.
+    """
     gate = _device_health(t, root, python, server)
-    if not gate["ok"]:
+    if not gate["ok"] or llm:
         return gate
     time.sleep(settle_s)  # a service that cannot start (no camera) exits within this
     service = t.op("status", root)["service"]

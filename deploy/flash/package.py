@@ -1,4 +1,7 @@
-"""What one release carries: the bundle as is, the health probe, the service config and unit."""
+"""What one release carries: the bundle as is, the health probe, the service config and unit.
+
+(An llm release: the bundle and release.json; its probe is in the bundle's manifest.)
+"""
 
 from __future__ import annotations
 
@@ -69,27 +72,48 @@ def render_unit(root: str) -> str:
     return string.Template(UNIT_TEMPLATE.read_text()).substitute(root=root)
 
 
+def llm_probe_summary(bundle: Bundle) -> dict[str, Any]:
+    """What the device's health gate will check for an llm bundle (recorded by `llm fold`)."""
+    probe = bundle.manifest["llm"].get("health_probe")
+    if not probe:
+        return {"probe": "none recorded in the bundle: one decoder step must give finite logits"}
+    return {
+        "probe": f"{len(probe['expected_ids'])} greedy ids after a "
+        f"{len(probe['prompt_ids'])}-token prompt, exact",
+        "expected_ids": probe["expected_ids"],
+    }
+
+
 def stage_release(
     bundle: Bundle,
     out: Path,
     root: str,
-    server: str,
+    server: str | None,
     source: dict[str, Any],
     sink: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the release folder to copy: bundle/, probe.npz, service.json, release.json, splitedge.service."""
+    """Write the release folder to copy: bundle/, probe.npz, service.json, release.json, splitedge.service.
+
+    An llm release carries bundle/ and release.json only.
+    """
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(bundle.root, out / "bundle", dirs_exist_ok=True)
     sig = out / "bundle" / SIGNATURE
     if sig.exists() and not (bundle.root / SIGNATURE).exists():
         sig.unlink()
-    probe = write_probe(bundle, out / "probe.npz")
-    (out / "service.json").write_text(
-        json.dumps(service_config(root, server, source, sink, extra), indent=2)
-    )
-    (out / "splitedge.service").write_text(render_unit(root))
+    if bundle.kind == "llm":  # no control loop: no service, no server; the probe is in the manifest
+        probe = llm_probe_summary(bundle)
+    else:
+        if not server:
+            raise SplitedgeError("a policy bundle needs a policy server: pass --server HOST:PORT")
+        probe = write_probe(bundle, out / "probe.npz")
+        (out / "service.json").write_text(
+            json.dumps(service_config(root, server, source, sink, extra), indent=2)
+        )
+        (out / "splitedge.service").write_text(render_unit(root))
     info = {
+        "kind": bundle.kind,
         "bundle": bundle.name,
         "version": bundle.version,
         "signed": (bundle.root / SIGNATURE).exists(),

@@ -217,13 +217,10 @@ def check_bundle_files(bundle: Path) -> list[str]:
 def stage(root: Path, release: str) -> dict[str, Any]:
     """Check the transferred release and move it into releases/ (one rename); never touches current."""
     incoming, target = root / "incoming" / release, root / "releases" / release
-    for need in (
-        "bundle/manifest.json",
-        "probe.npz",
-        "service.json",
-        "release.json",
-        "splitedge.service",
-    ):
+    needs = ["release.json", "bundle/manifest.json"]
+    if (incoming / "release.json").is_file() and _release_kind(incoming) != "llm":
+        needs += ["probe.npz", "service.json", "splitedge.service"]  # llm: no service
+    for need in needs:
         if not (incoming / need).is_file():
             raise Refused(
                 f"transfer incomplete: {need} missing in {incoming}; flash again to resume"
@@ -253,6 +250,14 @@ def _same_files(a: Path, b: Path) -> bool:
         if pa.is_file() != pb.is_file() or (pa.is_file() and _sha256(pa) != _sha256(pb)):
             return False
     return True
+
+
+def _release_kind(release: Path) -> str:
+    """'policy' or 'llm' (release.json; releases flashed before kinds were recorded are policy)."""
+    try:
+        return str(json.loads((release / "release.json").read_text()).get("kind", "policy"))
+    except (OSError, ValueError):
+        return "policy"
 
 
 def discard(root: Path, release: str) -> dict[str, Any]:
@@ -408,6 +413,8 @@ def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 def restart_service(root: Path) -> str:
     """(Re)start the service on the current release: systemd when manageable, else the supervisor."""
+    if _release_kind(root / "current") == "llm":
+        return f"no service for an llm bundle ({stop_service(root)})"
     unit = root / "current" / "splitedge.service"
     if _can_manage_systemd()[0] and unit.is_file():
         if not UNIT_PATH.is_file() or UNIT_PATH.read_text() != unit.read_text():
@@ -493,6 +500,7 @@ def status(root: Path) -> dict[str, Any]:
         "current": _link_name(root / "current"),
         "previous": _link_name(root / "previous"),
         "releases": releases,
+        "kind": _release_kind(root / "current") if (root / "current").is_dir() else None,
         "last_health": json.loads(health.read_text()) if health.is_file() else None,
         "service": service_state(root),
         "trusted_key": _read_or_none(root / "etc" / "signing.pub"),

@@ -2,7 +2,8 @@
 
 Bundle layout::
 
-    manifest.json     kind "llm"; llm{config, tokenizer, eot_id, decoder, table, validation, training, fold_check}
+    manifest.json     kind "llm"; llm{config, tokenizer, eot_id, decoder, table, validation, training,
+                      fold_check, health_probe (prompt ids + the bundle's own greedy ids)}
     decoder.onnx      KV-cached decoder step; MeKi rows are inputs, the table is not inside
     table.bin         folded MeKi table, token-major [V, L, d_mem] (absent for a dense model)
     tokenizer.json    byte-level BPE (tokenizers library)
@@ -115,6 +116,9 @@ def fold_run(
     write_manifest(out, manifest)
     check = _check(model, out, val)
     manifest["llm"]["fold_check"] = {**check, "fold_seconds": round(fold_seconds, 2)}
+    from edge.llm.probe import record_probe
+
+    manifest["llm"]["health_probe"] = record_probe(out)  # what a device must reproduce
     return write_manifest(out, manifest)
 
 

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pre-flight the device against its profile, copy the bundle with rsync (resumable), "
         "verify hashes and signature on the device, install the edge runtime into its own venv, switch "
         "the `current` release atomically, restart the service, and run the health gate (probe frame "
-        "vs expected features, one round trip to the policy server). Any failure after the switch "
+        "vs expected features, one round trip to the policy server; for an llm bundle, greedy-decode "
+        "the prompt recorded at fold time and require the same token ids). Any failure after the switch "
         "rolls back to the previous release. Uses your ssh and rsync, so ~/.ssh/config and agents work.",
     )
     target = p.add_mutually_exclusive_group(required=True)
@@ -55,13 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="TOML fleet file: canary first, then the rest, stop at the first failure",
     )
-    p.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
+    p.add_argument(
+        "--bundle", type=Path, required=True, help="policy or llm bundle directory or .tar"
+    )
     p.add_argument("--profile", default=None, help="device profile: pi-zero-2w, pi-4b, jetson-nano")
     p.add_argument(
         "--server",
         default=None,
         help="policy server HOST:PORT as seen from the device "
-        "(default: the one the device's current release uses)",
+        "(default: the one the device's current release uses; an llm bundle needs none)",
     )
     p.add_argument(
         "--offline",

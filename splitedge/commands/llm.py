@@ -238,9 +238,20 @@ def fold(args: argparse.Namespace) -> int:
         table(rows, title=f"bundle {manifest['name']} {manifest['version']} -> {args.out}")
         + "\n\n"
         + table(check, title="fold check (table as stored vs training form)")
+        + _probe_line(llm.get("health_probe"))
     )
     emit(manifest, args.json, text)
     return 0
+
+
+def _probe_line(probe: dict[str, Any] | None) -> str:
+    """One line on the recorded health probe (what `splitedge flash` checks on the device)."""
+    if not probe:
+        return ""
+    return (
+        f"\nhealth probe: {probe['prompt']!r} ({len(probe['prompt_ids'])} tokens) -> greedy ids "
+        f"{probe['expected_ids']} (min top-2 logit margin {probe['min_logit_margin']:.3g})"
+    )
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -33,16 +33,26 @@ def run(args: argparse.Namespace) -> int:
     s = t.op("status", args.root, timeout_s=60)
     health = s.get("last_health") or {}
     service = s.get("service") or {}
-    rt = health.get("round_trip") or {}
-    enc = health.get("encoder") or {}
+    llm = s.get("kind") == "llm"
     rows = [
         {"field": "root", "value": s["root"]},
-        {"field": "current", "value": s["current"] or "(none)"},
+        {
+            "field": "current",
+            "value": (s["current"] or "(none)")
+            + (f" ({s['kind']} bundle)" if s.get("kind") else ""),
+        },
         {"field": "previous", "value": s["previous"] or "(none)"},
         {"field": "releases", "value": ", ".join(s["releases"]) or "(none)"},
         {
             "field": "service",
-            "value": f"{service.get('manager')}: {service.get('active')}"
+            "value": "none: an llm bundle has no control loop"
+            + (
+                f" (yet {service.get('manager')} is {service.get('active')})"
+                if service.get("pid")
+                else ""
+            )
+            if llm
+            else f"{service.get('manager')}: {service.get('active')}"
             + (f", {service.get('state')}" if service.get("state") else "")
             + (
                 f", {service['steps']} steps, {service.get('fallbacks', 0)} fallbacks"
@@ -58,13 +68,7 @@ def run(args: argparse.Namespace) -> int:
             if health
             else "(never checked)",
         },
-        {
-            "field": "health detail",
-            "value": f"probe max diff {enc.get('max_diff_lsb')} LSB, round trip "
-            f"{rt.get('rtt_ms')} ms to {rt.get('server')}"
-            if enc
-            else "-",
-        },
+        {"field": "health detail", "value": _health_detail(health)},
         {
             "field": "signing key",
             "value": s.get("trusted_key") or "(none: signatures not required)",
@@ -72,3 +76,22 @@ def run(args: argparse.Namespace) -> int:
     ]
     emit({"host": args.host, **s}, args.json, table(rows, title=f"{args.host}"))
     return 0
+
+
+def _health_detail(health: dict) -> str:
+    """The last health check's numbers: llm probe ids, or policy probe diff and round trip."""
+    if health.get("kind") == "llm":
+        p = health.get("probe") or {}
+        if p.get("check") == "probe":
+            return (
+                f"llm greedy probe: got {p.get('got_ids')}, expected {p.get('expected_ids')} "
+                f"after {p.get('prompt_tokens')} prompt tokens"
+            )
+        return f"llm: {p.get('note')}; logits finite: {p.get('finite')}"
+    enc, rt = health.get("encoder") or {}, health.get("round_trip") or {}
+    if not enc:
+        return "-"
+    return (
+        f"probe max diff {enc.get('max_diff_lsb')} LSB, round trip "
+        f"{rt.get('rtt_ms')} ms to {rt.get('server')}"
+    )
