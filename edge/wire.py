@@ -44,21 +44,24 @@ def from_tensor(t: pb.Tensor) -> np.ndarray:
     return np.frombuffer(t.data, dtype=dtype).reshape(shape)
 
 
-def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int = 90) -> pb.Tensor:
-    """A uint8 (C, H, W) frame as a tensor; png/jpeg put the C planes in an image's channels (HWC).
+def stacks_planes(channels: int, codec: str) -> bool:
+    """True when a frame goes as one grey image of its C planes stacked vertically ((C*H) x W):
+    C has no image mode (2, 5+; 4 for jpeg, which has no RGBA). server/validation.py agrees."""
+    return channels not in _PIL_MODES or (codec == "jpeg" and channels == 4)
 
-    JPEG has no 4-channel mode, so only C in (1, 3) can be sent as jpeg.
-    """
+
+def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int = 90) -> pb.Tensor:
+    """A uint8 (C, H, W) frame as a tensor; png/jpeg put the C planes in an image's channels
+    (L, RGB, RGBA), or stack them into one grey image when C has no image mode."""
     if codec == "none":
         return to_tensor(frame)
     from PIL import Image
 
     c = frame.shape[0]
-    if c not in _PIL_MODES or (codec == "jpeg" and c == 4):
-        raise ValueError(
-            f"{codec} frames need 1 or 3{' or 4' if codec == 'png' else ''} channels, got {c}"
-        )
-    hwc = frame[0] if c == 1 else np.ascontiguousarray(frame.transpose(1, 2, 0))
+    if stacks_planes(c, codec):
+        hwc = np.ascontiguousarray(frame.reshape(c * frame.shape[1], frame.shape[2]))
+    else:
+        hwc = frame[0] if c == 1 else np.ascontiguousarray(frame.transpose(1, 2, 0))
     buf = io.BytesIO()
     img = Image.fromarray(hwc)  # infers L / RGB / RGBA from the array shape
     if codec == "png":

@@ -8,7 +8,9 @@ Raw frames (MODE_RAW) may arrive in three encodings; a client must produce them 
 * CODEC_PNG / CODEC_JPEG: the (C, H, W) uint8 frame becomes an H x W image with Pillow,
   the C planes as the image's colour channels:
   C=1 -> mode 'L' from ``frame[0]``; C=3 -> mode 'RGB' from ``frame.transpose(1, 2, 0)``
-  (plane 0 = R, 1 = G, 2 = B); C=4 -> 'RGBA' likewise (PNG only: JPEG has no 4-channel mode).
+  (plane 0 = R, 1 = G, 2 = B); C=4 -> 'RGBA' likewise for PNG. Any other C (2, 5+, and 4
+  for JPEG, which has no 4-channel mode): one mode 'L' image of the planes stacked
+  vertically, ``frame.reshape(C * H, W)``, W wide and C*H tall.
   ``Tensor.shape`` is still [C, H, W] and ``dtype`` UINT8; ``data`` is the encoded file.
   The server decodes with Pillow and transposes back to (C, H, W).
 
@@ -123,18 +125,18 @@ def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
             f"{codec} frames need a [C, H, W] observation; this bundle's is {list(spec.shape)}"
         )
     c, h, w = spec.shape
-    mode = PIL_MODES.get(c)
-    if mode is None:
-        raise _invalid(f"a {c}-channel observation cannot be sent as {codec}; use codec NONE")
+    stacked = c not in PIL_MODES or (codec == "JPEG" and c == 4)  # see the module docstring
+    mode = "L" if stacked else PIL_MODES[c]
+    img_h = c * h if stacked else h  # stacked: the planes one above the other
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(data), formats=[codec])  # header only
         # size first, before decoding a single pixel: a hostile header cannot make us allocate
-        if img.size != (w, h):
+        if img.size != (w, img_h):
             raise _invalid(
                 f"{codec} image is {img.size[0]}x{img.size[1]} ({img.mode}); "
-                f"bundle expects {w}x{h} {mode}"
+                f"bundle expects {w}x{img_h} {mode}"
             )
         if img.mode == "P" and codec == "PNG":
             img = img.convert(mode)  # a palette PNG expands losslessly
@@ -150,5 +152,7 @@ def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
         raise _invalid(f"data is not a {codec} image (its header is not {codec})") from None
     except Exception as e:  # Pillow raises many types for hostile bytes; all mean "bad image"
         raise _invalid(f"data is not a valid {codec} image ({type(e).__name__}: {e})") from None
+    if stacked:
+        return np.ascontiguousarray(hwc.reshape(c, h, w))
     chw = hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)
     return np.ascontiguousarray(chw)  # (C, H, W)

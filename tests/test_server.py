@@ -389,3 +389,26 @@ def test_plain_functions_work_without_grpc(served: Served) -> None:
         for q in feats
     ]
     assert got == want
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5])
+def test_png_frames_of_any_channel_count_round_trip_exactly(channels: int) -> None:
+    """edge.wire's encoder and the server's decoder agree on every channel count: image
+    modes for 1/3/4 planes, stacked grey planes otherwise (2 = Pendulum's frame pair)."""
+    from edge.wire import encode_frame, stacks_planes
+    from server.models import Spec
+    from server.validation import decode_frame
+
+    rng = np.random.default_rng(channels)
+    frame = rng.integers(0, 256, (channels, 24, 20), dtype=np.uint8)
+    spec = Spec(shape=(channels, 24, 20), dtype="uint8")
+    t = encode_frame(frame, "png")
+    assert list(t.shape) == [channels, 24, 20]
+    np.testing.assert_array_equal(decode_frame(t.data, "PNG", spec), frame)
+    assert stacks_planes(channels, "png") == (channels in (2, 5))
+    if channels != 1:  # jpeg: lossy, but the planes must land in the right place
+        ramp = np.linspace(0, 120, 20)[None, None, :] + 25 * np.arange(channels)[:, None, None]
+        frame = np.ascontiguousarray(np.broadcast_to(ramp, (channels, 24, 20)).astype(np.uint8))
+        got = decode_frame(encode_frame(frame, "jpeg").data, "JPEG", spec)
+        assert got.shape == frame.shape
+        assert np.abs(got.astype(int) - frame).mean() < 8
