@@ -41,6 +41,7 @@ def main() -> int:
 def _run(job: dict[str, Any]) -> int:
     from edge.agent import run_loop
     from edge.client import ClientConfig, PolicyClient
+    from edge.telemetry import WindowedLatency
     from splitedge.bundle import load_bundle
 
     client = PolicyClient(
@@ -70,13 +71,22 @@ def _run(job: dict[str, Any]) -> int:
             _say(event="step")
 
         records: list[Any] = []
-        if job.get("duration_s"):
-            while time.perf_counter() - t0 < job["duration_s"]:
-                records += run_loop(client, 20, seed=seed + len(records), on_step=step).records
+        extra: dict[str, Any] = {}
+        if job.get("duration_s"):  # a soak: per-window stats only, memory flat over the run
+            n = int(job.get("windows", 6))
+            acc = WindowedLatency(job["duration_s"] / n, n)
+
+            def window(rec: Any) -> None:
+                acc.add(time.perf_counter() - t0, rec.total_ms, rec.fallback)
+
+            run_loop(client, sys.maxsize, seed=seed, on_step=lambda i: _say(event="step"),
+                     on_record=window, keep_records=False, until=t0 + job["duration_s"])  # fmt: skip
+            seconds = time.perf_counter() - t0
+            extra["windows"] = acc.finish(seconds)
         else:
             records = run_loop(client, job["steps"], seed=seed, on_step=step).records
-        seconds = time.perf_counter() - t0
-        extra: dict[str, Any] = {"t_s": stamps}
+            seconds = time.perf_counter() - t0
+            extra["t_s"] = stamps
         if sampler is not None:
             sampler.stop()
             extra["sysmon"] = [s.as_dict() for s in sampler.samples]

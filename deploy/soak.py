@@ -19,6 +19,7 @@ from deploy.clients import ClientGroup, ClientResult
 from deploy.link.kernel import choose_backend, open_link
 from deploy.link.profiles import get_profile
 from deploy.measure import MeasureConfig, check_links, shaped_server
+from edge.telemetry import WindowedLatency
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
 
@@ -58,7 +59,7 @@ def soak(cfg: SoakConfig, on_step: Any = None) -> dict[str, Any]:
     job = {
         "bundle": str(cfg.bundle), "mode": cfg.mode, "backend": cfg.backend,
         "deadline_s": cfg.deadline_s, "warmup": 5, "seed": cfg.seed,
-        "duration_s": cfg.minutes * 60, "sysmon_s": cfg.interval_s,
+        "duration_s": cfg.minutes * 60, "sysmon_s": cfg.interval_s, "windows": cfg.windows,
     }  # fmt: skip
     with shaped_server(load_bundle(cfg.bundle).root, choice, notes) as (server, pair):
         host, port = server.address.rsplit(":", 1)
@@ -87,37 +88,38 @@ def slope_per_min(t_s: np.ndarray, y: np.ndarray) -> float:
     return float(np.polyfit(t_s[ok] / 60.0, y[ok], 1)[0])
 
 
+def latency_windows(result: ClientResult, windows: int) -> list[dict[str, Any]]:
+    """The worker's per-window latency stats, or the same computed from kept records."""
+    if "windows" in result.extra:
+        return list(result.extra["windows"])
+    acc = WindowedLatency(result.seconds / windows, windows)
+    for t, r in zip(result.extra.get("t_s", []), result.records, strict=True):
+        acc.add(t, r.total_ms, r.fallback)
+    return acc.finish(result.seconds)
+
+
 def analyse(result: ClientResult, windows: int) -> dict[str, Any]:
     """Per-window frame rate, latency, CPU, RSS, temperature; drift of each over the run."""
-    t = np.asarray(result.extra.get("t_s", []), dtype=float)
-    lat = np.asarray([r.total_ms for r in result.records], dtype=float)
-    fell = np.asarray([r.fallback for r in result.records], dtype=bool)
     samples = result.extra.get("sysmon", [])
     st = np.asarray([s["t_s"] for s in samples], dtype=float)
     rss = np.asarray([s["rss_mb"] for s in samples], dtype=float)
     cpu = np.asarray([s["cpu_pct"] for s in samples], dtype=float)
     temp = np.asarray([max(s["temps_c"].values(), default=np.nan) for s in samples], dtype=float)
     throttled = [s["throttled"] for s in samples if s.get("throttled")]
-    edges = np.linspace(0.0, result.seconds, windows + 1)
-    rows = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        steps = (t >= lo) & (t < hi)
-        sm = (st >= lo) & (st < hi)
-        ok = steps & ~fell
+    rows, lat_windows = [], latency_windows(result, windows)
+    for w in lat_windows:
+        sm = (st >= w["from_s"]) & (st < w["to_s"])
         rows.append(
             {
-                "from_s": lo,
-                "to_s": hi,
-                "decisions_s": steps.sum() / (hi - lo),
-                "p50_ms": float(np.median(lat[ok])) if ok.any() else float("nan"),
-                "p95_ms": float(np.percentile(lat[ok], 95)) if ok.any() else float("nan"),
-                "fallbacks": int((steps & fell).sum()),
+                **{k: w[k] for k in ("from_s", "to_s", "decisions_s", "p50_ms", "p95_ms")},
+                "fallbacks": int(w["fallbacks"]),
                 "cpu_pct": float(cpu[sm].mean()) if sm.any() else float("nan"),
                 "rss_mb": float(rss[sm].mean()) if sm.any() else float("nan"),
                 "temp_c": float(np.nanmax(temp[sm])) if sm.any() and np.isfinite(temp[sm]).any()
                 else float("nan"),
             }
         )  # fmt: skip
+    edges = np.asarray([rows[0]["from_s"]] + [r["to_s"] for r in rows])
     drift = []
     for key in ("decisions_s", "p50_ms", "rss_mb", "cpu_pct", "temp_c"):
         ys = np.asarray([r[key] for r in rows], dtype=float)
@@ -136,7 +138,7 @@ def analyse(result: ClientResult, windows: int) -> dict[str, Any]:
         )
     return {
         "seconds": result.seconds,
-        "decisions": len(result.records),
+        "decisions": sum(int(w["decisions"]) for w in lat_windows),
         "windows": rows,
         "drift": drift,
         "throttled_bits_seen": sorted({hex(b) for b in throttled}),

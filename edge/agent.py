@@ -27,33 +27,42 @@ def run_loop(
     seed: int = 0,
     env: Any = None,
     on_step: Callable[[int], None] | None = None,
+    on_record: Callable[[StepRecord], None] | None = None,
+    keep_records: bool = True,
+    until: float | None = None,
 ) -> LoopResult:
-    """Run `steps` decisions against the bundle's task (or a given env); never raises on link trouble."""
+    """Run `steps` decisions against the bundle's task (or a given env); never raises on link
+    trouble. until: also stop at this time.perf_counter() value. keep_records=False keeps
+    nothing per step (a long run's memory stays flat); on_record still sees every step."""
     env = env if env is not None else make_env(client.bundle.policy["task"], seed=seed)
     obs, _ = env.reset(seed=seed)
     result, ep_return, episode = LoopResult(), 0.0, 0
     t0 = time.perf_counter()
     for i in range(steps):
+        if until is not None and time.perf_counter() >= until:
+            break
         action = client.act(obs)
         d = client.last
         assert d is not None
         obs, reward, terminated, truncated, _ = env.step(action)
         ep_return += reward
-        result.records.append(
-            StepRecord(
-                step=i,
-                encode_ms=d.encode_ms,
-                rtt_ms=d.rtt_ms,
-                server_queue_ms=d.server_queue_ms,
-                server_compute_ms=d.server_compute_ms,
-                total_ms=d.total_ms,
-                bytes_up=d.bytes_up,
-                bytes_down=d.bytes_down,
-                fallback=d.fallback,
-                reward=float(reward),
-                error=d.error,
-            )
+        record = StepRecord(
+            step=i,
+            encode_ms=d.encode_ms,
+            rtt_ms=d.rtt_ms,
+            server_queue_ms=d.server_queue_ms,
+            server_compute_ms=d.server_compute_ms,
+            total_ms=d.total_ms,
+            bytes_up=d.bytes_up,
+            bytes_down=d.bytes_down,
+            fallback=d.fallback,
+            reward=float(reward),
+            error=d.error,
         )
+        if keep_records:
+            result.records.append(record)
+        if on_record is not None:
+            on_record(record)
         if terminated or truncated:
             result.episode_returns.append(ep_return)
             episode += 1

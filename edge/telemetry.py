@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -77,3 +78,47 @@ def peak_rss_mb() -> float:
         pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0 if os.uname().sysname == "Linux" else kib / 1024.0 / 1024.0
+
+
+class WindowedLatency:
+    """Decisions, fallbacks and p50/p95 latency per fixed time window, holding only the
+    current window's latencies: a long soak's memory must not grow with its length, or
+    the RSS it reports would be its own bookkeeping."""
+
+    def __init__(self, window_s: float, windows: int):
+        self.window_s, self.windows = window_s, windows
+        self.done: list[dict[str, float]] = []
+        self._index, self._lat, self._n, self._fell = 0, array("d"), 0, 0
+
+    def add(self, t_s: float, total_ms: float, fallback: bool) -> None:
+        """One decision that ended t_s seconds into the run."""
+        index = min(int(t_s // self.window_s), self.windows - 1)
+        while self._index < index:
+            self._close((self._index + 1) * self.window_s)
+        self._n += 1
+        if fallback:
+            self._fell += 1
+        else:
+            self._lat.append(total_ms)
+
+    def finish(self, end_s: float) -> list[dict[str, float]]:
+        """Close the remaining windows; the last one ends at end_s."""
+        while self._index < self.windows - 1:
+            self._close((self._index + 1) * self.window_s)
+        self._close(max(end_s, self._index * self.window_s + 1e-9))
+        return self.done
+
+    def _close(self, to_s: float) -> None:
+        lo = self._index * self.window_s
+        self.done.append(
+            {
+                "from_s": lo,
+                "to_s": to_s,
+                "decisions": self._n,
+                "decisions_s": self._n / (to_s - lo),
+                "p50_ms": percentile(self._lat, 50),
+                "p95_ms": percentile(self._lat, 95),
+                "fallbacks": self._fell,
+            }
+        )
+        self._index, self._lat, self._n, self._fell = self._index + 1, array("d"), 0, 0

@@ -84,3 +84,40 @@ def test_soak_command_runs_and_samples_every_interval(
     assert {d["metric"] for d in doc["drift"]} >= {"decisions_s", "p50_ms", "rss_mb"}
     assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
     assert "first window vs last" in capsys.readouterr().out
+
+
+def test_windowed_latency_holds_one_window_and_matches_numpy() -> None:
+    from edge.telemetry import WindowedLatency
+
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 60, 6000))
+    lat = rng.gamma(2.0, 5.0, t.size)
+    fell = rng.random(t.size) < 0.02
+    acc = WindowedLatency(15.0, 4)
+    held = 0
+    for ti, li, fi in zip(t, lat, fell, strict=True):
+        acc.add(float(ti), float(li), bool(fi))
+        held = max(held, len(acc._lat))
+    rows = acc.finish(61.0)
+    assert held <= max(((t >= lo) & (t < lo + 15)).sum() for lo in (0, 15, 30, 45))
+    for k, w in enumerate(rows):
+        inside = (t >= 15 * k) & (t < 15 * (k + 1))
+        assert w["decisions"] == inside.sum() and w["fallbacks"] == (inside & fell).sum()
+        assert w["p50_ms"] == pytest.approx(np.median(lat[inside & ~fell]))
+        assert w["p95_ms"] == pytest.approx(np.percentile(lat[inside & ~fell], 95))
+    assert rows[-1]["to_s"] == 61.0
+
+
+def test_soak_uses_the_workers_windows_when_it_kept_no_records() -> None:
+    synthetic = _synthetic(60.0, 20.0, lambda t: 10.0, lambda t: 100.0)
+    reference = analyse(synthetic, windows=4)
+    from deploy.soak import latency_windows
+
+    lean = ClientResult(
+        records=[],
+        seconds=synthetic.seconds,
+        encoder="ort",
+        extra={**synthetic.extra, "windows": latency_windows(synthetic, 4)},
+    )
+    assert analyse(lean, windows=4)["windows"] == reference["windows"]
+    assert analyse(lean, windows=4)["decisions"] == reference["decisions"] == 1200

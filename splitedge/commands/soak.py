@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "soak",
         help="run the edge loop for M minutes and report drift in rate, latency and RSS",
         description="Start a policy server, shape the path with a link profile, and run one "
-        "edge loop for --minutes while it samples its CPU %%, RSS, temperatures and "
+        "edge loop for --minutes while it samples its CPU %, RSS, temperatures and "
         "throttling (thermal zones; vcgencmd on a Pi; tegrastats on a Jetson) every "
         "--interval seconds. Reports per-window frame rate, latency and RSS, and whether "
         "they drift. Writes soak.json and soak.png under --out.",
