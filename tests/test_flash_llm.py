@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from models.meki.model import MeKiConfig
 from splitedge.bundle import write_manifest
 from splitedge.cli import main
 from splitedge.errors import SplitedgeError
-from tests.test_flash_e2e import _current, _previous, needs_ssh
+from tests.test_flash_e2e import _cli, _current, _previous, needs_ssh
 from tests.test_llm_runtime import SMALL
 from tests.test_meki_fold import build_run
 
@@ -92,23 +91,9 @@ def env(folded: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     from deploy.emulate.device import EmulatedDevice
 
     tmp = tmp_path_factory.mktemp("flash-llm")
-    saved, os.environ["SPLITEDGE_CACHE"] = os.environ.get("SPLITEDGE_CACHE"), str(tmp / "cache")
-    dev = EmulatedDevice("pi-zero-2w")
-    try:
-        with dev:
-            yield {"dev": dev, "tmp": tmp, **folded}
-    finally:
-        if saved is None:
-            os.environ.pop("SPLITEDGE_CACHE", None)
-        else:
-            os.environ["SPLITEDGE_CACHE"] = saved
-
-
-def _cli(env: dict, *args: str) -> tuple[int, dict]:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main([*args, "--ssh-config", str(env["dev"].ssh_config), "--json"])
-    return rc, (json.loads(buf.getvalue()) if buf.getvalue().strip() else {})
+    with pytest.MonkeyPatch.context() as mp, EmulatedDevice("pi-zero-2w") as dev:
+        mp.setenv("SPLITEDGE_CACHE", str(tmp / "cache"))
+        yield {"dev": dev, "tmp": tmp, **folded}
 
 
 def _flash(env: dict, bundle: Path) -> list[str]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from deploy.flash.preflight import requirements
 from splitedge.errors import SplitedgeError
 
@@ -361,16 +363,6 @@ class EmulatedDevice:
         }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale() -> list[str]:
     """Remove what killed emulators left behind: a device namespace whose maker is dead and
     that holds no process (its veth goes with it), and empty device memory cgroups.
@@ -387,7 +379,7 @@ def reap_stale() -> list[str]:
             if Path("/run/netns", ns).exists()
             else ""
         )
-        if (pid and _alive(pid)) or busy:
+        if (pid and psutil.pid_exists(pid)) or busy:
             continue
         if Path("/run/netns", ns).exists():
             _run(["ip", "netns", "del", ns])

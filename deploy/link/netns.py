@@ -17,6 +17,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+import psutil
+
 from splitedge.errors import SplitedgeError
 
 PREFIX = "splitedge-"
@@ -98,16 +100,6 @@ def root_links_ours() -> list[str]:
     return [n for n in names if n.startswith(PREFIX)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def delete(name: str) -> None:
     """Kill what runs inside namespace `name`, then delete it; fine if it is already gone."""
     pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
@@ -124,12 +116,12 @@ def sweep_stale() -> list[str]:
     removed = []
     for name in list_ours():
         m = _NAME.match(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not psutil.pid_exists(int(m.group(1))):
             delete(name)
             removed.append(name)
     for link in root_links_ours():
         m = re.match(rf"^{PREFIX}(\d+)", link)
-        if m and not _alive(int(m.group(1))):
+        if m and not psutil.pid_exists(int(m.group(1))):
             run(["ip", "link", "del", link], check=False)
             removed.append(link)
     return removed
