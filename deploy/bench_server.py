@@ -10,7 +10,6 @@ so its ratio isolates batching and the async server from the smaller message).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,13 @@ from typing import Any
 import numpy as np
 
 from deploy.bench_load import CellLoad, ClientPool
+from deploy.server_process import (
+    free_port,
+    process_cpu_seconds,
+    serve_argv,
+    stop_process,
+    wait_serving,
+)
 from protos import policy_pb2 as pb
 from splitedge.errors import SplitedgeError
 
@@ -79,7 +85,7 @@ class ChildServer:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
-            _wait_serving(address, self.proc, 120.0)
+            wait_serving(address, 120.0, self.proc)
         except BaseException:
             err = self.stop()
             raise SplitedgeError(
@@ -87,52 +93,11 @@ class ChildServer:
             ) from None
 
     def cpu_s(self) -> float:
-        import psutil
-
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return float(t.user + t.system)
+        return process_cpu_seconds(self.proc.pid)
 
     def stop(self) -> str:
         """SIGTERM, wait, and return what it wrote to stderr."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err.seek(0)
-        text = self._err.read().decode(errors="replace")
-        self._err.close()
-        return text
-
-
-def _wait_serving(address: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    end = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise RuntimeError("exited")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise TimeoutError(f"not SERVING after {timeout_s:.0f} s")
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        return stop_process(self.proc, self._err, 15.0)
 
 
 def batch_totals(metrics_port: int) -> tuple[float, float]:
@@ -194,19 +159,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> d
     try:
         if any(s.startswith("splitedge") for s in cfg.servers):
             port, mport = free_port(), free_port()
-            argv = [
-                sys.executable,
-                "-m",
-                "splitedge",
-                "serve",
-                "--bundle",
-                str(cfg.bundle),
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(mport),
-                *cfg.server_args,
-            ]
+            argv = serve_argv(cfg.bundle, port, "--metrics-port", str(mport), *cfg.server_args)
             progress("starting splitedge serve")
             servers["splitedge"] = ChildServer(argv, f"127.0.0.1:{port}", mport)
         if "naive SB3" in cfg.servers:

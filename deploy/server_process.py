@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,12 +29,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(address: str, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING; raise TimeoutError past timeout_s."""
+def serve_argv(bundle: Path | str, port: int, *extra: str) -> list[str]:
+    """The command line of `splitedge serve` for a bundle on a port, run by this Python."""
+    return [sys.executable, "-m", "splitedge", "serve", "--bundle", str(bundle),
+            "--port", str(port), *extra]  # fmt: skip
+
+
+def wait_serving(
+    address: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll grpc.health.v1 until SERVING; raise TimeoutError past timeout_s, or at once
+    when `proc` (the server, if given) has exited."""
     end = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < end:
+            if proc is not None and proc.poll() is not None:
+                raise TimeoutError(f"server for {address} exited with {proc.returncode}")
             try:
                 r = stub.Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True
@@ -44,6 +56,21 @@ def wait_serving(address: str, timeout_s: float) -> None:
                 pass
             time.sleep(0.05)
     raise TimeoutError(f"policy server at {address} not SERVING after {timeout_s:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], err: IO[bytes], timeout_s: float) -> str:
+    """SIGTERM, wait up to timeout_s (then SIGKILL); return what it wrote to `err`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err.seek(0)
+    text = err.read().decode(errors="replace")
+    err.close()
+    return text
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -83,17 +110,7 @@ class ServerProcess:
         self.netns = netns
         self._args = [
             *(exec_prefix(netns) if netns else []),
-            sys.executable,
-            "-m",
-            "splitedge",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--host",
-            host,
-            "--port",
-            str(self.port),
-            *(extra_args or []),
+            *serve_argv(bundle, self.port, "--host", host, *(extra_args or [])),
         ]
         self._timeout = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -138,16 +155,7 @@ class ServerProcess:
     def _stop(self) -> str:
         if self.proc is None:
             return ""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err.seek(0)
-        err = self._err.read().decode(errors="replace")
-        self._err.close()
+        err = stop_process(self.proc, self._err, 10.0)
         self.proc = None
         return err
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.bench_server import ChildServer, free_port
+from deploy.bench_server import ChildServer
+from deploy.server_process import free_port, serve_argv
 from edge.channel import resolve_target
 from edge.client import ClientConfig, PolicyClient
 from splitedge.bundle import load_bundle
@@ -62,18 +63,7 @@ def replicas() -> Iterator[list[Replica]]:
 
     def start_one() -> None:
         port, mport = free_port(), free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "splitedge",
-            "serve",
-            "--bundle",
-            str(ZOO_BUNDLE),
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(mport),
-        ]
+        argv = serve_argv(ZOO_BUNDLE, port, "--metrics-port", str(mport))
         started.append(Replica(ChildServer(argv, f"127.0.0.1:{port}", mport), port, mport))
 
     for _ in range(REPLICAS):  # in parallel: each spends seconds importing onnxruntime

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import sys
 import threading
 import time
 
@@ -13,7 +12,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.bench_server import ChildServer, free_port
+from deploy.bench_server import ChildServer
+from deploy.server_process import free_port, serve_argv
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from tests.conftest import ZOO_BUNDLE
@@ -44,22 +44,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero() -> None:
 
     out = json.loads((ZOO_BUNDLE / "manifest.json").read_text())["policy"]["encoder"]["output"]
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "splitedge",
-        "serve",
-        "--bundle",
-        str(ZOO_BUNDLE),
-        "--port",
-        str(port),
+    argv = serve_argv(
+        ZOO_BUNDLE,
+        port,
         "--max-batch",
         "1000",
         "--max-delay-ms",
         str(HOLD_S * 1e3),
         "--grace-s",
         str(GRACE_S),
-    ]
+    )
     server = ChildServer(argv, f"127.0.0.1:{port}")
     channel = grpc.insecure_channel(server.address)
     stub = pb_grpc.PolicyStub(channel)

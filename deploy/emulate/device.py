@@ -27,6 +27,7 @@ from typing import Any
 import psutil
 
 from deploy.flash.preflight import requirements
+from deploy.server_process import free_port
 from splitedge.errors import SplitedgeError
 
 SSHD = "/usr/sbin/sshd"
@@ -147,7 +148,7 @@ class EmulatedDevice:
         else:
             self.caps.notes.append("not root: no namespace, no cgroup")
         if not self.caps.netns:
-            self.port = _free_port()
+            self.port = free_port()
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True) if os.geteuid() == 0 else None
         self._write_sshd_config(keys)
         argv = [SSHD, "-D", "-e", "-f", str(self.workdir / "sshd_config")]
@@ -395,12 +396,6 @@ def reap_stale() -> list[str]:
         except OSError:
             pass  # in use, or already gone
     return removed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _check(r: subprocess.CompletedProcess[str], what: str) -> None:
