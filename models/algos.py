@@ -73,6 +73,17 @@ def _actor_optimizer(policy: Any, actor: nn.Module, lr: float) -> torch.optim.Op
     return policy.optimizer_class(params, lr=lr, **policy.optimizer_kwargs)
 
 
+def _build_critics(policy: Any, encoder: nn.Module, target: nn.Module | None, lr: float) -> None:
+    """Critic on the shared encoder (its optimizer trains the encoder) and a frozen target copy."""
+    policy.critic = policy.make_critic(features_extractor=encoder)
+    policy.critic_target = policy.make_critic(features_extractor=target)
+    policy.critic_target.load_state_dict(policy.critic.state_dict())
+    policy.critic.optimizer = policy.optimizer_class(
+        policy.critic.parameters(), lr=lr, **policy.optimizer_kwargs
+    )
+    policy.critic_target.set_training_mode(False)
+
+
 class CriticEncoderSACPolicy(SACPolicy):
     """SACPolicy whose actor and critic share a critic-trained encoder (actor sees it detached)."""
 
@@ -80,13 +91,7 @@ class CriticEncoderSACPolicy(SACPolicy):
         encoder = self.make_features_extractor()
         self.actor = self.make_actor(features_extractor=DetachedFeatures(encoder))
         self.actor.optimizer = _actor_optimizer(self, self.actor, lr_schedule(1))
-        self.critic = self.make_critic(features_extractor=encoder)
-        self.critic_target = self.make_critic(features_extractor=None)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic.optimizer = self.optimizer_class(
-            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
-        )
-        self.critic_target.set_training_mode(False)
+        _build_critics(self, encoder, None, lr_schedule(1))
 
 
 class CriticEncoderTD3Policy(TD3Policy):
@@ -98,14 +103,8 @@ class CriticEncoderTD3Policy(TD3Policy):
         self.actor_target = self.make_actor(features_extractor=DetachedFeatures(encoder_target))
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.actor.optimizer = _actor_optimizer(self, self.actor, lr_schedule(1))
-        self.critic = self.make_critic(features_extractor=encoder)
-        self.critic_target = self.make_critic(features_extractor=encoder_target)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.critic.optimizer = self.optimizer_class(
-            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
-        )
+        _build_critics(self, encoder, encoder_target, lr_schedule(1))
         self.actor_target.set_training_mode(False)
-        self.critic_target.set_training_mode(False)
 
 
 def _linear(start: float) -> Any:
