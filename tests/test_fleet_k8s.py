@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from edge.channel import resolve_target
-from server.config import ServerConfig
 from splitedge.cli import build_parser
 from splitedge.commands.certs import make_certs
+from splitedge.commands.serve import config_from_args
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -59,17 +59,7 @@ def test_container_args_are_a_valid_serve_command(docs: dict[str, dict[str, Any]
     args = _serve_args(docs)
     ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
     assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", ports["grpc"], ports["metrics"])
-    cfg = ServerConfig(
-        bundle=args.bundle,
-        host=args.host,
-        port=args.port,
-        grace_s=args.grace_s,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        client_ca=args.client_ca,
-        tokens=args.tokens,
-        metrics_port=args.metrics_port,
-    )
+    cfg = config_from_args(args)
     assert cfg.tls and cfg.client_ca is not None and cfg.tokens is not None
     for probe in ("readinessProbe", "livenessProbe"):
         assert _container(docs)[probe]["httpGet"]["port"] in ports

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy.link import netns, tc
-from deploy.link.process import ProxyProcess, read_line
+from deploy.link.process import ProxyProcess, read_line, reap
 from deploy.link.profiles import LinkProfile
 from splitedge.errors import SplitedgeError
 
@@ -141,15 +141,7 @@ class KernelLink:
         self._proxy.close()
         filler, self._filler = self._filler, None
         if filler is not None:
-            if filler.stdin is not None:
-                filler.stdin.close()
-            try:
-                filler.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                filler.kill()
-                filler.wait()
-            if filler.stdout is not None:
-                filler.stdout.close()
+            reap(filler, 5.0)
         if self.pair.exists():
             tc.unshape(self.pair.edge, netns.EDGE_IF)
             tc.unshape(self.pair.server, netns.SERVER_IF)

@@ -115,23 +115,27 @@ class ProxyProcess:
     def close(self) -> None:
         """Stop the child (closing its stdin asks it to); safe to call twice."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            reap(proc, 10.0)
 
     def __enter__(self) -> ProxyProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reap(proc: subprocess.Popen[str], timeout_s: float) -> None:
+    """Stop a child that exits when its stdin closes: close it, wait (then kill), close stdout."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -72,13 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from server.app import serve
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The ServerConfig these parsed `serve` options describe (a SplitedgeError if invalid)."""
     from server.config import ServerConfig
     from splitedge.errors import SplitedgeError
 
     try:
-        cfg = ServerConfig(
+        return ServerConfig(
             bundle=args.bundle,
             host=args.host,
             port=args.port,
@@ -94,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SplitedgeError(f"bad server option: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    cfg = config_from_args(args)
 
     def ready(servicer: Any, server: Any) -> None:
         m, port = servicer.models, server.port
