@@ -20,6 +20,15 @@ ALGOS = ("ppo", "sac", "ddpg")
 DISCRETE_ALGOS = ("ppo",)
 
 # Per-algorithm defaults; the same for every encoder and task (TrainConfig.hyper overrides).
+# SAC and DDPG share every off-policy setting, so only the algorithm differs between them
+OFF_POLICY: dict[str, Any] = {
+    "batch_size": 64,
+    "learning_starts": 500,
+    "gamma": 0.98,
+    "tau": 0.01,
+    "train_freq": 1,
+    "gradient_steps": 1,
+}
 HYPER: dict[str, dict[str, Any]] = {
     "ppo": {
         "n_steps": 256,
@@ -30,22 +39,8 @@ HYPER: dict[str, dict[str, Any]] = {
         "clip_range": 0.2,
         "ent_coef": 0.0,
     },
-    "sac": {
-        "batch_size": 64,
-        "learning_starts": 500,
-        "gamma": 0.98,
-        "tau": 0.01,
-        "train_freq": 1,
-        "gradient_steps": 1,
-    },
-    "ddpg": {
-        "batch_size": 64,
-        "learning_starts": 500,
-        "gamma": 0.98,
-        "tau": 0.01,
-        "train_freq": 1,
-        "gradient_steps": 1,
-    },
+    "sac": dict(OFF_POLICY),
+    "ddpg": dict(OFF_POLICY),
 }
 NET_ARCH: dict[str, Any] = {
     "ppo": {"pi": [64, 64], "vf": [64, 64]},
