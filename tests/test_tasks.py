@@ -9,7 +9,7 @@ import pytest
 from edge.envs import make_env, tasks
 from edge.envs.pixel_reacher import LINKS
 
-TASKS = ("cartpole-pixels", "pendulum-pixels", "reacher-pixels")
+TASKS = ("cartpole-pixels", "cartpole-camera", "pendulum-pixels", "reacher-pixels")
 
 
 def _bright_centroid(frame: np.ndarray, threshold: int) -> np.ndarray:
@@ -17,7 +17,7 @@ def _bright_centroid(frame: np.ndarray, threshold: int) -> np.ndarray:
     return np.array([xs.mean() + 0.5, ys.mean() + 0.5])  # pixel centres
 
 
-def test_registry_knows_the_three_tasks() -> None:
+def test_registry_knows_the_tasks() -> None:
     assert set(TASKS) <= set(tasks())
 
 
@@ -73,15 +73,23 @@ def test_pendulum_frame_shows_the_rod_angle() -> None:
         assert np.linalg.norm(_bright_centroid(obs[-1], 200) - expected) < 1.5
 
 
-def test_cartpole_frame_follows_the_cart() -> None:
-    env = make_env("cartpole-pixels")
+@pytest.mark.parametrize(("task", "size"), [("cartpole-pixels", 48), ("cartpole-camera", 224)])
+def test_cartpole_frame_follows_the_cart_and_the_pole(task: str, size: int) -> None:
+    env = make_env(task)
     env.reset(seed=2)
-    obs, *_ = env.step(1)
-    x = float(env.unwrapped.state[0])
-    size = obs.shape[-1]
-    cart = obs[-1][int(0.75 * size)]  # the cart's row; the pole is drawn above it
-    cols = np.nonzero(cart > 100)[0]
-    assert abs(cols.mean() + 0.5 - (x / 2.4 * 0.5 + 0.5) * size) < 1.5
+    for _ in range(6):
+        obs, *_ = env.step(1)
+        x, _, theta, _ = (float(v) for v in env.unwrapped.state)
+        assert obs.shape == (3, size, size)
+        cx, cy = (x / 2.4 * 0.5 + 0.5) * size, 0.75 * size
+        cart = obs[-1][int(cy)]  # the cart's row; the pole is drawn above it
+        cols = np.nonzero(cart > 100)[0]
+        assert abs(cols.mean() + 0.5 - cx) < 1.5
+        # the pole's bright pixels above the cart average to its midpoint (half its length up)
+        above = obs[-1].copy()
+        above[int(cy - 0.04 * size) - 1 :] = 0
+        mid = np.array([cx, cy]) + 0.25 * size * np.array([np.sin(theta), -np.cos(theta)])
+        assert np.linalg.norm(_bright_centroid(above, 120) - mid) < 0.04 * size
 
 
 def _fingertip(q1: float, q2: float) -> np.ndarray:

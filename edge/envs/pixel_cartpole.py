@@ -1,4 +1,9 @@
-"""CartPole-v1 seen through stacked 48x48 grayscale frames of its true state."""
+"""CartPole-v1 seen through stacked grayscale frames of its true state.
+
+`cartpole-pixels` is the small 48x48 observation the shipped policy acts on;
+`cartpole-camera` draws the same scene at 224x224, the size of a frame a camera
+pipeline would hand over before any downsampling (what raw offload must send).
+"""
 
 from __future__ import annotations
 
@@ -38,7 +43,9 @@ class PixelCartPole(gym.Wrapper):
         c = self.canvas
         c.clear()
         c.box(cx, cy, half_w=0.06 * s, half_h=0.04 * s, value=0.6)
-        c.segment(cx, cy, cx + pole * np.sin(theta), cy - pole * np.cos(theta), half_width=0.6)
+        # 1.2 px wide at 48 px; scaled with the frame so that every size shows the same scene
+        half_width = 0.6 * (s / 48)
+        c.segment(cx, cy, cx + pole * np.sin(theta), cy - pole * np.cos(theta), half_width)
         return c.to_uint8()
 
     def _obs(self) -> np.ndarray:
@@ -61,4 +68,12 @@ class PixelCartPole(gym.Wrapper):
 
 @register("cartpole-pixels")
 def make(size: int = 48, stack: int = 3) -> PixelCartPole:
+    return PixelCartPole(size=size, stack=stack)
+
+
+CAMERA_SIZE = 224
+
+
+@register("cartpole-camera")
+def make_camera(size: int = CAMERA_SIZE, stack: int = 3) -> PixelCartPole:
     return PixelCartPole(size=size, stack=stack)
