@@ -31,6 +31,9 @@ ENCODERS: dict[str, EncoderChoice] = {
     "miniconv-es2": EncoderChoice(
         "miniconv-es2", MiniConvExtractor, {"arch": "miniconv"}, split=True, es2_qat=True
     ),
+    "miniconv-camera": EncoderChoice(
+        "miniconv-camera", MiniConvExtractor, {"arch": "miniconv-camera"}, split=True
+    ),
     "naturecnn": EncoderChoice("naturecnn", NatureCNN, {"features_dim": 512}, split=False),
 }
 

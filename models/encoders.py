@@ -31,6 +31,9 @@ ARCHS: dict[str, list[dict[str, Any]]] = {
         {"op": "flatten"},
     ],
 }
+# Camera-resolution frames (224x224): the device first averages 4x4 blocks (one shader pass,
+# no weights), then runs MiniConv on the 56x56 result; only the features leave the device.
+ARCHS["miniconv-camera"] = [{"op": "avgpool", "kernel": 4}, *ARCHS["miniconv"]]
 # Features leave the device as uint8: q = round(clamp(x, 0, FEATURE_MAX) / scale).
 FEATURE_MAX = 8.0
 

@@ -205,3 +205,37 @@ def test_auto_picks_ort_on_a_software_renderer_and_says_why() -> None:
         assert backend == "ort" and "CPU rasteriser" in why
     else:
         assert backend == "gl33" and "GPU" in why
+
+
+@pytest.mark.parametrize(
+    ("target", "profile"), [("gl33", "jetson-nano"), ("es31", "pi-4b"), ("es2", "pi-zero-2w")]
+)
+def test_camera_encoder_runs_within_each_device_profile(target: str, profile: str) -> None:
+    """miniconv-camera (4x4 average of a 224x224 frame, then MiniConv) on real task frames."""
+    from edge.encoder.calibrate import task_frames
+    from models.encoders import build_ir
+
+    need_gl(target)
+    rng = np.random.default_rng(19)
+    ir = build_ir("miniconv-camera", 3, 224, 224)
+    w = {}
+    for layer in ir.layers:
+        if layer.op == "conv":
+            shape = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
+            w[f"{layer.name}.weight"] = rng.normal(0, 0.3, shape).astype(np.float32)
+            w[f"{layer.name}.bias"] = rng.normal(0, 0.1, layer.out_channels).astype(np.float32)
+    obs = task_frames("cartpole-camera", 3, seed=4)
+    aq = calibrate(ir, w, obs) if target == "es2" else None
+    enc = GLEncoder(ir, w, target, limits=load_profile(profile).limits(), act_quant=aq)
+    try:
+        if target == "es2":
+            got = enc.encode(obs)
+            want = ref.quantise_output(ir, torch_features(ir, w, obs, aq))
+            # 8-bit storage after each of 4 stages: an output may land one step away
+            off = np.abs(got.astype(int) - want.astype(int))
+            assert off.max() <= 1 and np.mean(off == 0) >= 0.9
+        else:
+            err = np.abs(enc.features(obs) - torch_features(ir, w, obs)).max()
+            assert err <= 1e-4
+    finally:
+        enc.close()

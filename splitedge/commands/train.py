@@ -21,12 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "result.json (returns, learning curve, FLOPs, bytes per step) to the run directory. "
         "Needs the `train` extra (torch==2.13.0, stable-baselines3).",
     )
-    p.add_argument("--task", default="cartpole-pixels", help="pixel task (default: %(default)s)")
+    p.add_argument(
+        "--task",
+        default="cartpole-pixels",
+        help="pixel task: cartpole-pixels, cartpole-camera (224x224 frames), pendulum-pixels "
+        "or reacher-pixels (default: %(default)s)",
+    )
     p.add_argument("--algo", default="ppo", help="ppo, sac or ddpg (default: %(default)s)")
     p.add_argument(
         "--encoder",
         default="miniconv",
-        help="miniconv, miniconv-es2 or naturecnn (default: %(default)s)",
+        help="miniconv, miniconv-es2, miniconv-camera (4x4 average first, for camera-size "
+        "frames) or naturecnn (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
