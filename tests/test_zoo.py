@@ -21,7 +21,7 @@ ZOO = sorted(p for p in (ROOT / "models" / "zoo").iterdir() if (p / "manifest.js
 
 def test_zoo_has_a_bundle_per_task() -> None:
     tasks = {load_bundle(p).policy["task"] for p in ZOO}
-    assert tasks >= {"cartpole-pixels", "pendulum-pixels", "reacher-pixels"}
+    assert tasks >= {"cartpole-pixels", "cartpole-camera", "pendulum-pixels", "reacher-pixels"}
 
 
 @pytest.mark.parametrize("bundle", ZOO, ids=[p.name for p in ZOO])
