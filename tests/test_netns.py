@@ -148,7 +148,8 @@ def _ours(owner: int) -> list[int]:
 @pytest.mark.skipif(bool(NO_NAMESPACES or tc.missing("tbf")), reason="no tbf here")
 def test_ctrl_c_during_a_sweep_leaves_nothing_behind(tmp_path: Path) -> None:
     root_qdiscs = netns.run(["tc", "qdisc", "show"]).stdout
-    argv = [sys.executable, "-m", "splitedge", "measure", "--bundle", str(ZOO), "--links", "dsl",
+    # -X faulthandler: a SIGABRT below dumps every thread's stack, should the sweep hang
+    argv = [sys.executable, "-X", "faulthandler", "-m", "splitedge", "measure", "--bundle", str(ZOO), "--links", "dsl",
             "--modes", "split", "--steps", "100000", "--link-backend", "tbf",
             "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     # Its own session, so the SIGINT below reaches the whole process group, as Ctrl-C does.
@@ -169,7 +170,13 @@ def test_ctrl_c_during_a_sweep_leaves_nothing_behind(tmp_path: Path) -> None:
         qdiscs = tc.qdisc_kinds(f"splitedge-{proc.pid}-edge", netns.EDGE_IF)
         assert "tbf" in qdiscs
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"sweep still running 60 s after Ctrl-C; its stacks:\n{err[-6000:]}")
+        assert code == 130
     finally:
         if proc.poll() is None:
             proc.kill()
