@@ -148,9 +148,15 @@ def _ours(owner: int) -> list[int]:
 @pytest.mark.skipif(bool(NO_NAMESPACES or tc.missing("tbf")), reason="no tbf here")
 def test_ctrl_c_during_a_sweep_leaves_nothing_behind(tmp_path: Path) -> None:
     root_qdiscs = netns.run(["tc", "qdisc", "show"]).stdout
-    # -X faulthandler: a SIGABRT below dumps every thread's stack, should the sweep hang
-    argv = [sys.executable, "-X", "faulthandler", "-m", "splitedge", "measure", "--bundle", str(ZOO), "--links", "dsl",
-            "--modes", "split", "--steps", "100000", "--link-backend", "tbf",
+    # As from a terminal: SIGINT raises KeyboardInterrupt even when this test runs where SIGINT
+    # is ignored (a background job of a non-interactive shell), which every child would inherit.
+    # -X faulthandler: a SIGABRT below dumps every thread's stack, should the sweep hang.
+    launch = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from splitedge.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [sys.executable, "-X", "faulthandler", "-c", launch, "measure",
+            "--bundle", str(ZOO), "--links", "dsl", "--modes", "split", "--steps", "100000", "--link-backend", "tbf",
             "--out", str(tmp_path), "--no-progress"]  # fmt: skip
     # Its own session, so the SIGINT below reaches the whole process group, as Ctrl-C does.
     proc = subprocess.Popen(
