@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from protos import policy_pb2 as pb
+from splitedge.frame_images import stacks_planes
 
 DTYPES: dict[str, Any] = {
     "uint8": pb.UINT8,
@@ -18,7 +19,6 @@ DTYPES: dict[str, Any] = {
 }
 NUMPY_OF = {v: np.dtype(k) for k, v in DTYPES.items()}
 CODECS = {"none": pb.CODEC_NONE, "png": pb.CODEC_PNG, "jpeg": pb.CODEC_JPEG}
-_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def to_tensor(array: np.ndarray, scale: float = 0.0, zero_point: int = 0) -> pb.Tensor:
@@ -42,12 +42,6 @@ def from_tensor(t: pb.Tensor) -> np.ndarray:
     if len(t.data) != int(np.prod(shape)) * dtype.itemsize:
         raise ValueError(f"tensor of shape {shape} {dtype} has {len(t.data)} bytes")
     return np.frombuffer(t.data, dtype=dtype).reshape(shape)
-
-
-def stacks_planes(channels: int, codec: str) -> bool:
-    """True when a frame goes as one grey image of its C planes stacked vertically ((C*H) x W):
-    C has no image mode (2, 5+; 4 for jpeg, which has no RGBA). server/validation.py agrees."""
-    return channels not in _PIL_MODES or (codec == "jpeg" and channels == 4)
 
 
 def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int = 90) -> pb.Tensor:

@@ -29,6 +29,7 @@ import numpy as np
 from protos import policy_pb2 as pb
 from server.errors import Kind, RequestError
 from server.models import Spec
+from splitedge.frame_images import image_mode_and_height, stacks_planes
 
 PROTO_DTYPES: dict[str, pb.DType] = {
     "uint8": pb.UINT8,
@@ -39,7 +40,6 @@ PROTO_DTYPES: dict[str, pb.DType] = {
 }
 DTYPE_NAMES: dict[int, str] = {v: k for k, v in PROTO_DTYPES.items()}
 CODEC_NAMES: dict[int, str] = {pb.CODEC_NONE: "none", pb.CODEC_PNG: "PNG", pb.CODEC_JPEG: "JPEG"}
-PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 SCALE_RTOL = 1e-6  # Tensor.scale is a float32 on the wire; the bundle keeps a float64
 
 
@@ -125,9 +125,8 @@ def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
             f"{codec} frames need a [C, H, W] observation; this bundle's is {list(spec.shape)}"
         )
     c, h, w = spec.shape
-    stacked = c not in PIL_MODES or (codec == "JPEG" and c == 4)  # see the module docstring
-    mode = "L" if stacked else PIL_MODES[c]
-    img_h = c * h if stacked else h  # stacked: the planes one above the other
+    stacked = stacks_planes(c, codec)  # see the module docstring
+    mode, img_h = image_mode_and_height(c, h, codec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

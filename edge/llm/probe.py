@@ -81,13 +81,14 @@ def check_probe(bundle: Bundle | str | Path) -> dict[str, Any]:
     finally:
         runtime.close()
     want = [int(i) for i in probe["expected_ids"]]
+    tokenizer_ok = tokenizer_ids == probe["prompt_ids"]
     out: dict[str, Any] = {
-        "ok": got == want and tokenizer_ids == probe["prompt_ids"],
+        "ok": got == want and tokenizer_ok,
         "check": "probe",
         "prompt_tokens": len(probe["prompt_ids"]),
         "expected_ids": want,
         "got_ids": got,
-        "tokenizer_ok": tokenizer_ids == probe["prompt_ids"],
+        "tokenizer_ok": tokenizer_ok,
     }
     if got != want:
         k = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
@@ -95,6 +96,6 @@ def check_probe(bundle: Bundle | str | Path) -> dict[str, Any]:
             f"greedy probe differs from the ids recorded at fold time from token {k} on "
             f"(got {got[k]}, expected {want[k]}; top-2 logit margin here {margins[k]:.2g})"
         )
-    elif not out["tokenizer_ok"]:
+    elif not tokenizer_ok:
         out["error"] = "the tokenizer encodes the probe prompt differently from the recorded ids"
     return out
