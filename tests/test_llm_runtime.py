@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,15 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
     assert not dense["after_all"]["torch_imported"] and not meki["after_all"]["torch_imported"]
     text = report.read_text()
     assert "splitedge llm bench" in text and "| both d_mem=8 |" in text
+    # workers are pinned to one CPU by default, and the report says which
+    allowed = os.sched_getaffinity(0)
+    assert result["config"]["cpu"] == max(allowed) and f"pinned to CPU {max(allowed)}" in text
+    # W_gate and W_out: the MeKi decoder carries 2 * L * d_model * d_mem more float32 weights
+    extra = meki["decoder_bytes"] - dense["decoder_bytes"]
+    w_gate_and_out = 2 * SMALL["n_layer"] * SMALL["d_model"] * SMALL["d_mem"] * 4
+    assert w_gate_and_out <= extra < w_gate_and_out + 4096  # + post-norm gains, node protos
+    bad = str(max(allowed) + 1)
+    assert main(["llm", "bench", "--bundle", str(bundles["off"]), "--cpu", bad]) == 2
 
 
 def _fake(name: str, meki: str, d_model: int, gen_tps: float, ppl: float) -> dict:

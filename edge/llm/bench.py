@@ -32,6 +32,7 @@ class BenchConfig:
     ppl_tokens: int = 16384
     threads: int = 1
     cold: bool = True
+    cpu: int | None = None  # pin every worker to this CPU; None leaves placement to the kernel
 
     def __post_init__(self) -> None:
         if self.rounds < 2:
@@ -39,6 +40,31 @@ class BenchConfig:
         for name in ("new_tokens", "prompt_tokens", "ppl_tokens", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.cpu is not None and self.cpu not in allowed_cpus():
+            raise ValueError(
+                f"cpu {self.cpu} is not one this process may run on {sorted(allowed_cpus())}"
+            )
+
+
+def allowed_cpus() -> set[int]:
+    """CPUs this process may run on (all of them where affinity is not supported)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def default_cpu() -> int | None:
+    """The CPU the bench pins its workers to by default: the last allowed one, if affinity works.
+
+    The workers take turns, so sharing one CPU costs them nothing, and it removes the
+    core-to-core differences (a busy sibling thread, another tenant) that otherwise
+    bias one worker against another for a whole run.
+    """
+    import os
+
+    return max(allowed_cpus()) if hasattr(os, "sched_setaffinity") else None
 
 
 def _rss_bytes() -> int:
@@ -64,12 +90,16 @@ def optimized_ops(onnx_path: Path, threads: int = 1) -> int:
         return len(onnx.load(opts.optimized_model_filepath).graph.node)
 
 
-def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
+def _worker(conn: Any, bundle: str, threads: int, cold: bool, cpu: int | None) -> None:
     """Serve ('gen' | 'score' | 'memory' | 'quit', payload) requests for one bundle."""
+    import os
+
     from edge.llm.runtime import LlmRuntime
     from edge.llm.sampling import Sampler
 
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         rt = LlmRuntime(bundle, threads=threads)
         if cold and rt.table is not None:
             rt.table.drop_cache()
@@ -77,8 +107,17 @@ def _worker(conn: Any, bundle: str, threads: int, cold: bool) -> None:
             rt.bundle.file(rt.bundle.manifest["llm"]["validation"]["tokens"]), dtype=np.uint16
         )
         rss = _rss_bytes()
-        ops = optimized_ops(rt.bundle.file(rt.bundle.manifest["llm"]["decoder"]["onnx"]), threads)
-        conn.send({"ok": True, "val_tokens": val, "rss_loaded": rss, "optimized_ops": ops})
+        decoder = rt.bundle.file(rt.bundle.manifest["llm"]["decoder"]["onnx"])
+        ops = optimized_ops(decoder, threads)
+        conn.send(
+            {
+                "ok": True,
+                "val_tokens": val,
+                "rss_loaded": rss,
+                "optimized_ops": ops,
+                "decoder_bytes": decoder.stat().st_size,  # ~ the weights a step reads
+            }
+        )
     except Exception as e:  # report to the parent instead of dying silently
         conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
         return
@@ -126,7 +165,9 @@ def run_bench(bundles: list[str], cfg: BenchConfig) -> dict[str, Any]:
     workers = []
     for b in bundles:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, b, cfg.threads, cfg.cold), daemon=True)
+        proc = ctx.Process(
+            target=_worker, args=(child, b, cfg.threads, cfg.cold, cfg.cpu), daemon=True
+        )
         proc.start()
         workers.append((parent, proc))
     try:
@@ -219,6 +260,7 @@ def _measure(
                 ),
                 "rss_loaded": hello[i]["rss_loaded"],
                 "optimized_ops": hello[i]["optimized_ops"],
+                "decoder_bytes": hello[i]["decoder_bytes"],
                 "after_first_generation": memory_after_first[i],
                 "after_all": final_memory[i],
                 "fold_check": llm.get("fold_check"),
@@ -232,19 +274,11 @@ def _measure(
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "cpu_count": _cpu_count(),
+            "cpu_count": len(allowed_cpus()),
             "onnxruntime": _ort_version(),
         },
         "bundles": results,
     }
-
-
-def _cpu_count() -> int:
-    import os
-
-    return (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
 
 
 def _ort_version() -> str:

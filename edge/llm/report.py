@@ -77,9 +77,17 @@ def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "extra_us_per_token": round(1e6 * (1 / b["gen_tps"] - 1 / base["gen_tps"]), 1),
                 "extra_graph_nodes": (b["decoder_nodes"] or 0) - (base["decoder_nodes"] or 0),
                 "extra_ops_run": (b.get("optimized_ops") or 0) - (base.get("optimized_ops") or 0),
+                "extra_weights": _extra_weights(b, base),
             }
         )
     return out
+
+
+def _extra_weights(b: dict[str, Any], base: dict[str, Any]) -> str:
+    """How much more the decoder's weights weigh than the dense one's (a step reads them all)."""
+    if not b.get("decoder_bytes") or not base.get("decoder_bytes"):
+        return "n/a"
+    return f"{100 * (b['decoder_bytes'] / base['decoder_bytes'] - 1):+.1f}%"
 
 
 def bench_table(result: dict[str, Any]) -> str:
@@ -167,10 +175,12 @@ def _speed_note(result: dict[str, Any]) -> list[str]:
     by_name = {b["name"]: b for b in result["bundles"]}
     lines = [
         "What the memory path costs per decoded token: per layer a sigmoid, an add of the table row, "
-        "the W_out matmul (d_mem x d_model) and the post RMSNorm; W_gate is fused into the FFN's input "
-        "matmul and the residual `x + FFN + y` is one Sum, so the dense graph's operators are unchanged "
-        "otherwise; the row fetch from the mapped table is about 1 us. That cost is nearly fixed, so "
-        "it shrinks relative to a step as the dense compute grows:",
+        "the W_out matmul (d_mem x d_model) and the post RMSNorm, 4 operators; W_gate is fused into "
+        "the FFN's input matmul and the residual `x + FFN + y` is one Sum, so the dense graph's "
+        "operators are unchanged otherwise. At batch 1 a step reads every weight once, so W_gate and "
+        "W_out (2 x d_model x d_mem floats per layer, extra_weights above) also cost about their share "
+        "of the weight bytes once the model outgrows the CPU caches. The row fetch from the mapped "
+        "table is about 1 us. Both costs shrink against a step as d_model grows relative to d_mem:",
         "",
     ]
     for shape in dict.fromkeys(c["dense"] for c in checks):
@@ -180,7 +190,8 @@ def _speed_note(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {shape_label(base)}: a dense step takes about {1e6 / base['gen_tps']:.0f} us per token "
             f"including sampling; the MeKi bundles add {min(c['extra_us_per_token'] for c in group):+.0f} "
-            f"to {max(c['extra_us_per_token'] for c in group):+.0f} us (ratios "
+            f"to {max(c['extra_us_per_token'] for c in group):+.0f} us with "
+            f"{', '.join(dict.fromkeys(c['extra_weights'] for c in group))} weights (ratios "
             f"{min(c['gen_ratio'] for c in group):.3f}-{max(c['gen_ratio'] for c in group):.3f}); "
             f"speed bar met by {', '.join(met) if met else 'none'}."
         )
@@ -193,6 +204,12 @@ def _speed_note(result: dict[str, Any]) -> list[str]:
         "that a 64 MiB table stays under 5% resident after 256 sampled tokens from a cold start.",
         "",
     ]
+
+
+def _pinning(cfg: dict[str, Any]) -> str:
+    if cfg.get("cpu") is None:
+        return "workers not pinned"
+    return f"every worker pinned to CPU {cfg['cpu']} (they take turns)"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -209,7 +226,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['platform']}, {m['cpu_count']} CPU(s) visible, Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}. Each bundle runs in its own process (no torch imported: "
         f"{not any(b['after_all']['torch_imported'] for b in result['bundles'])}), "
-        f"{cfg['threads']} onnxruntime thread(s), batch 1. Rounds are interleaved, the order reversed "
+        f"{cfg['threads']} onnxruntime thread(s), batch 1, "
+        f"{_pinning(cfg)}. Rounds are interleaved, the order reversed "
         f"every other round; round 0 starts with the tables evicted from the page cache "
         f"({'cold' if cfg['cold'] else 'warm'}) and is excluded from the tokens/s medians "
         f"({cfg['rounds'] - 1} timed rounds of {cfg['prompt_tokens']} prompt + {cfg['new_tokens']} "

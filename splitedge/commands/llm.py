@@ -151,6 +151,13 @@ def _register_bench(lsub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="leave table pages in the page cache (default: evict first, a cold-flash start)",
     )
+    b.add_argument(
+        "--cpu",
+        type=int,
+        default=None,
+        help="pin every worker to this CPU; they take turns, so one CPU removes core-to-core "
+        "bias between them (default: the last CPU this process may use; -1: no pinning)",
+    )
     b.add_argument("--report", type=Path, default=None, help="also write this markdown report")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=bench)
@@ -297,7 +304,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from edge.llm.bench import BenchConfig, run_bench
+    from edge.llm.bench import BenchConfig, default_cpu, run_bench
     from edge.llm.report import bench_table, render_markdown
 
     for b in args.bundle:
@@ -311,6 +318,7 @@ def bench(args: argparse.Namespace) -> int:
             ppl_tokens=args.ppl_tokens,
             threads=args.threads,
             cold=not args.warm,
+            cpu=default_cpu() if args.cpu is None else (None if args.cpu == -1 else args.cpu),
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
