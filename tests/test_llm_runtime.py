@@ -267,6 +267,8 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
                 "4",
                 "--ppl-tokens",
                 "100",
+                "--launches",
+                "2",
                 "--report",
                 str(report),
                 "--json",
@@ -277,6 +279,8 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     dense, meki = result["bundles"]
     assert dense["gen_ratio"] == 1.0 and meki["gen_ratio"] > 0
+    assert result["timed_rounds"] == 2  # two fresh worker sets, one timed round each
+    assert dense["gen_tps_min_max"][0] <= dense["gen_tps"] <= dense["gen_tps_min_max"][1]
     assert dense["gen_ratio_cpu"] == 1.0 and meki["gen_ratio_cpu"] > 0
     assert meki["optimized_ops"] - dense["optimized_ops"] == 2 * 4  # sigmoid, add, W_out, norm
     assert result["perplexity_comparable"] is True  # both runs share one (deterministic) tokenizer
@@ -285,6 +289,7 @@ def test_cli_bench_side_by_side(bundles, tmp_path, capsys):
     assert not dense["after_all"]["torch_imported"] and not meki["after_all"]["torch_imported"]
     text = report.read_text()
     assert "splitedge llm bench" in text and "| both d_mem=8 |" in text
+    assert "2 launches of fresh workers x 1 timed rounds (+1 warm-up) = 2 rounds" in text
     # workers are pinned to one CPU by default, and the report says which
     allowed = os.sched_getaffinity(0)
     assert result["config"]["cpu"] == max(allowed) and f"pinned to CPU {max(allowed)}" in text

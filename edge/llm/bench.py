@@ -33,11 +33,12 @@ class BenchConfig:
     threads: int = 1
     cold: bool = True
     cpu: int | None = None  # pin every worker to this CPU; None leaves placement to the kernel
+    launches: int = 1  # fresh sets of worker processes, each running all rounds
 
     def __post_init__(self) -> None:
         if self.rounds < 2:
             raise ValueError(f"rounds must be >= 2 (round 0 is warm-up), got {self.rounds}")
-        for name in ("new_tokens", "prompt_tokens", "ppl_tokens", "threads"):
+        for name in ("new_tokens", "prompt_tokens", "ppl_tokens", "threads", "launches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.cpu is not None and self.cpu not in allowed_cpus():
@@ -154,24 +155,40 @@ def _worker(conn: Any, bundle: str, threads: int, cold: bool, cpu: int | None) -
 
 
 def run_bench(bundles: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    """Benchmark bundles side by side; ratios are against the first dense bundle of the same shape."""
+    """Benchmark bundles side by side; ratios are against the first dense bundle of the same shape.
+
+    With launches > 1 the whole interleaved run repeats in fresh worker processes and the
+    medians pool every launch's timed rounds: a process can be a few percent slower than
+    its twin for its whole life (where its buffers landed), and one launch cannot tell that
+    bias from a real difference.
+    """
     from splitedge.bundle import load_bundle
 
     manifests = [load_bundle(b).manifest for b in bundles]
     for b, m in zip(bundles, manifests, strict=True):
         if m["kind"] != "llm":
             raise SplitedgeError(f"{b} is a {m['kind']!r} bundle; llm bench needs llm bundles")
+    launches = [_launch(bundles, manifests, cfg, first=k == 0) for k in range(cfg.launches)]
+    return _summarise(bundles, manifests, launches, cfg)
+
+
+def _launch(
+    bundles: list[str], manifests: list[dict[str, Any]], cfg: BenchConfig, first: bool
+) -> dict[str, Any]:
+    """One set of worker processes running every round; the first also scores and reads memory."""
     ctx = mp.get_context("spawn")
     workers = []
     for b in bundles:
         parent, child = ctx.Pipe()
         proc = ctx.Process(
-            target=_worker, args=(child, b, cfg.threads, cfg.cold, cfg.cpu), daemon=True
+            target=_worker,
+            args=(child, b, cfg.threads, cfg.cold and first, cfg.cpu),
+            daemon=True,
         )
         proc.start()
         workers.append((parent, proc))
     try:
-        return _measure(bundles, manifests, workers, cfg)
+        return _measure(bundles, manifests, workers, cfg, first)
     finally:
         for parent, proc in workers:
             if proc.is_alive():
@@ -204,7 +221,11 @@ def _ask(worker: Any, cmd: str, payload: Any = None) -> dict[str, Any]:
 
 
 def _measure(
-    bundles: list[str], manifests: list[dict[str, Any]], workers: list[Any], cfg: BenchConfig
+    bundles: list[str],
+    manifests: list[dict[str, Any]],
+    workers: list[Any],
+    cfg: BenchConfig,
+    first: bool,
 ) -> dict[str, Any]:
     hello = [dict(w[0].recv()) for w in workers]
     for b, h in zip(bundles, hello, strict=True):
@@ -222,12 +243,30 @@ def _measure(
         for i in order if r % 2 == 0 else order[::-1]:
             prompt = val[i][start : start + cfg.prompt_tokens].astype(np.int64).tolist()
             row[i] = _ask(workers[i], "gen", (prompt, cfg.new_tokens, r))
-            if r == 0:
+            if r == 0 and first:
                 memory_after_first[i] = _ask(workers[i], "memory")
         rounds.append(row)
-    scores = [_ask(w, "score", v[: cfg.ppl_tokens + 1]) for w, v in zip(workers, val, strict=True)]
-    final_memory = [_ask(w, "memory") for w in workers]
-    timed = rounds[1:]
+    out: dict[str, Any] = {"hello": hello, "same_tokenizer": same_tok, "timed": rounds[1:]}
+    if first:
+        out["memory_after_first"] = memory_after_first
+        out["scores"] = [
+            _ask(w, "score", v[: cfg.ppl_tokens + 1]) for w, v in zip(workers, val, strict=True)
+        ]
+        out["final_memory"] = [_ask(w, "memory") for w in workers]
+    return out
+
+
+def _summarise(
+    bundles: list[str],
+    manifests: list[dict[str, Any]],
+    launches: list[dict[str, Any]],
+    cfg: BenchConfig,
+) -> dict[str, Any]:
+    first = launches[0]
+    hello, scores = first["hello"], first["scores"]
+    memory_after_first, final_memory = first["memory_after_first"], first["final_memory"]
+    same_tok = first["same_tokenizer"]
+    timed = [row for launch in launches for row in launch["timed"]]
     results = []
     base_of = baselines(manifests)
     for i, (b, m) in enumerate(zip(bundles, manifests, strict=True)):
@@ -270,6 +309,7 @@ def _measure(
         )
     return {
         "config": asdict(cfg),
+        "timed_rounds": len(timed),  # pooled over every launch
         "perplexity_comparable": same_tok,
         "machine": {
             "platform": platform.platform(),

@@ -94,7 +94,7 @@ def bench_table(result: dict[str, Any]) -> str:
     """The human table `splitedge llm bench` prints."""
     cfg = result["config"]
     title = (
-        f"llm bench: {cfg['rounds'] - 1} timed rounds (+1 cold warm-up), {cfg['prompt_tokens']} prompt + "
+        f"llm bench: {_timed_rounds(cfg)}, {cfg['prompt_tokens']} prompt + "
         f"{cfg['new_tokens']} new tokens, batch 1, {cfg['threads']} thread(s); ratios vs the dense bundle "
         "of the same shape"
     )
@@ -206,6 +206,17 @@ def _speed_note(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _timed_rounds(cfg: dict[str, Any]) -> str:
+    """How many rounds the medians pool: each launch's round 0 is its warm-up."""
+    n = cfg.get("launches", 1)
+    per = f"{cfg['rounds'] - 1} timed rounds (+1 warm-up)"
+    return (
+        per
+        if n == 1
+        else f"{n} launches of fresh workers x {per} = {n * (cfg['rounds'] - 1)} rounds"
+    )
+
+
 def _pinning(cfg: dict[str, Any]) -> str:
     if cfg.get("cpu") is None:
         return "workers not pinned"
@@ -228,9 +239,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{not any(b['after_all']['torch_imported'] for b in result['bundles'])}), "
         f"{cfg['threads']} onnxruntime thread(s), batch 1, "
         f"{_pinning(cfg)}. Rounds are interleaved, the order reversed "
-        f"every other round; round 0 starts with the tables evicted from the page cache "
-        f"({'cold' if cfg['cold'] else 'warm'}) and is excluded from the tokens/s medians "
-        f"({cfg['rounds'] - 1} timed rounds of {cfg['prompt_tokens']} prompt + {cfg['new_tokens']} "
+        f"every other round; the first round starts with the tables evicted from the page cache "
+        f"({'cold' if cfg['cold'] else 'warm'}), and each launch's first round is a warm-up left out "
+        f"of the tokens/s medians "
+        f"({_timed_rounds(cfg)} of {cfg['prompt_tokens']} prompt + {cfg['new_tokens']} "
         f"sampled tokens). Ratios are the median of per-round ratios to the dense bundle of the same shape.",
         "",
         "## Results",

@@ -152,6 +152,13 @@ def _register_bench(lsub: argparse._SubParsersAction) -> None:
         help="leave table pages in the page cache (default: evict first, a cold-flash start)",
     )
     b.add_argument(
+        "--launches",
+        type=int,
+        default=1,
+        help="repeat the whole run in this many fresh sets of worker processes and pool their "
+        "rounds, so no one process's lifelong bias decides a ratio (default: %(default)s)",
+    )
+    b.add_argument(
         "--cpu",
         type=int,
         default=None,
@@ -319,6 +326,7 @@ def bench(args: argparse.Namespace) -> int:
             threads=args.threads,
             cold=not args.warm,
             cpu=default_cpu() if args.cpu is None else (None if args.cpu == -1 else args.cpu),
+            launches=args.launches,
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
