@@ -346,3 +346,15 @@ def test_each_meki_bundle_is_compared_with_the_dense_bundle_of_its_shape():
     assert got["meki-b"]["gen_ratio"] == 0.98 and got["meki-b"]["gen_ratio>=0.97"]
     assert got["meki-a"]["ppl_lower_than_dense"] and not got["meki-b"]["ppl_lower_than_dense"]
     assert got["meki-b"]["extra_us_per_token"] == round(1e6 / 490 - 1e6 / 500, 1)
+
+
+def test_bench_says_when_a_worker_dies():
+    import multiprocessing as mp
+    from types import SimpleNamespace
+
+    from edge.llm.bench import _reply
+
+    parent, child = mp.Pipe()
+    child.close()  # what the parent sees when a worker is killed mid-run
+    with pytest.raises(SplitedgeError, match="exit code -9"):
+        _reply((parent, SimpleNamespace(exitcode=-9)))

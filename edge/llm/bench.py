@@ -217,7 +217,18 @@ def baselines(manifests: list[dict[str, Any]]) -> list[int]:
 
 def _ask(worker: Any, cmd: str, payload: Any = None) -> dict[str, Any]:
     worker[0].send((cmd, payload))
-    return dict(worker[0].recv())
+    return _reply(worker)
+
+
+def _reply(worker: Any) -> dict[str, Any]:
+    try:
+        return dict(worker[0].recv())
+    except EOFError:  # the worker died without a word (killed, out of memory)
+        code = worker[1].exitcode
+        raise SplitedgeError(
+            f"a bench worker exited unexpectedly (exit code {code}); "
+            "check free memory, or bench fewer bundles at a time"
+        ) from None
 
 
 def _measure(
@@ -227,7 +238,7 @@ def _measure(
     cfg: BenchConfig,
     first: bool,
 ) -> dict[str, Any]:
-    hello = [dict(w[0].recv()) for w in workers]
+    hello = [_reply(w) for w in workers]
     for b, h in zip(bundles, hello, strict=True):
         if not h["ok"]:
             raise SplitedgeError(f"{b} failed to load in its worker: {h['error']}")
