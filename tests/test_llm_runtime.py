@@ -358,3 +358,34 @@ def test_bench_says_when_a_worker_dies():
     child.close()  # what the parent sees when a worker is killed mid-run
     with pytest.raises(SplitedgeError, match="exit code -9"):
         _reply((parent, SimpleNamespace(exitcode=-9)))
+
+
+def test_a_second_dense_bundle_of_a_shape_is_reported_as_an_a_a_check():
+    from edge.llm.bench import SHAPE_KEYS, baselines
+    from edge.llm.report import _speed_note
+
+    specs = [("dense", "off", 1000.0), ("dense-aa", "off", 980.0), ("meki", "both", 970.0)]
+    fakes = [_fake(name, meki, 16, tps, 50.0) for name, meki, tps in specs]
+    base_of = baselines(fakes)
+    assert base_of == [0, 0, 0]  # the copy is compared with the first dense bundle
+    result = {
+        "perplexity_comparable": True,
+        "bundles": [
+            {
+                "name": name,
+                "meki": meki,
+                "shape": {k: f["config"][k] for k in SHAPE_KEYS},
+                "baseline": 0,
+                "val_ppl": 50.0,
+                "gen_tps": tps,
+                "gen_ratio": tps / 1000.0,
+                "gen_ratio_cpu": tps / 1000.0,
+                "decoder_nodes": 10,
+                "after_first_generation": {},
+            }
+            for (name, meki, tps), f in zip(specs, fakes, strict=True)
+        ],
+    }
+    text = "\n".join(_speed_note(result))
+    assert "A/A check: dense-aa has the weights and graph of dense" in text
+    assert "at 0.980x its speed" in text and "speed bar met by meki" in text

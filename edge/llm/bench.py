@@ -91,8 +91,13 @@ def optimized_ops(onnx_path: Path, threads: int = 1) -> int:
         return len(onnx.load(opts.optimized_model_filepath).graph.node)
 
 
-def _worker(conn: Any, bundle: str, threads: int, cold: bool, cpu: int | None) -> None:
-    """Serve ('gen' | 'score' | 'memory' | 'quit', payload) requests for one bundle."""
+def _worker(
+    conn: Any, bundle: str, threads: int, cold: bool, cpu: int | None, inspect: bool
+) -> None:
+    """Serve ('gen' | 'score' | 'memory' | 'quit', payload) requests for one bundle.
+
+    inspect: also count the optimised graph's operators (a second session; first launch only).
+    """
     import os
 
     from edge.llm.runtime import LlmRuntime
@@ -109,7 +114,7 @@ def _worker(conn: Any, bundle: str, threads: int, cold: bool, cpu: int | None) -
         )
         rss = _rss_bytes()
         decoder = rt.bundle.file(rt.bundle.manifest["llm"]["decoder"]["onnx"])
-        ops = optimized_ops(decoder, threads)
+        ops = optimized_ops(decoder, threads) if inspect else None
         conn.send(
             {
                 "ok": True,
@@ -182,7 +187,7 @@ def _launch(
         parent, child = ctx.Pipe()
         proc = ctx.Process(
             target=_worker,
-            args=(child, b, cfg.threads, cfg.cold and first, cfg.cpu),
+            args=(child, b, cfg.threads, cfg.cold and first, cfg.cpu, first),
             daemon=True,
         )
         proc.start()

@@ -198,6 +198,7 @@ def _speed_note(result: dict[str, Any]) -> list[str]:
     biggest = max(b["after_first_generation"].get("table_bytes", 0) for b in result["bundles"])
     return [
         *lines,
+        *_noise_note(result),
         "",
         f"The residency shares above are for tables of at most {_mb(biggest)} MB ({biggest // 4096} pages), "
         "where a few hundred tokens touch a large share of the pages; tests/test_llm_runtime.py checks "
@@ -215,6 +216,22 @@ def _timed_rounds(cfg: dict[str, Any]) -> str:
         if n == 1
         else f"{n} launches of fresh workers x {per} = {n * (cfg['rounds'] - 1)} rounds"
     )
+
+
+def _noise_note(result: dict[str, Any]) -> list[str]:
+    """A dense bundle benched against another dense bundle of its shape is an A/A check."""
+    bundles = result["bundles"]
+    out = []
+    for i, b in enumerate(bundles):
+        j = b.get("baseline", 0)
+        if i != j and b["meki"] == "off" and bundles[j]["meki"] == "off":
+            if b["shape"] == bundles[j]["shape"]:
+                out.append(
+                    f"- A/A check: {b['name']} has the weights and graph of {bundles[j]['name']} "
+                    f"and ran in its own workers at {b['gen_ratio']:.3f}x its speed, so ratios "
+                    f"this close to 1 are within this run's noise."
+                )
+    return out
 
 
 def _pinning(cfg: dict[str, Any]) -> str:
