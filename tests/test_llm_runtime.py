@@ -308,20 +308,12 @@ def _fake(name: str, meki: str, d_model: int, gen_tps: float, ppl: float) -> dic
     return {"name": name, "llm": {"config": config}, "config": config}
 
 
-def test_each_meki_bundle_is_compared_with_the_dense_bundle_of_its_shape():
+def _fake_result(specs: list[tuple]) -> tuple[dict, list[int]]:
+    """A bench result for (name, meki, d_model, gen tok/s, ppl) specs, and each one's baseline."""
     from edge.llm.bench import SHAPE_KEYS, baselines
-    from edge.llm.report import bars
 
-    specs = [  # name, meki, d_model, gen tok/s, ppl
-        ("dense-a", "off", 16, 1000.0, 50.0),
-        ("meki-a", "both", 16, 900.0, 45.0),
-        ("dense-b", "off", 32, 500.0, 40.0),
-        ("meki-b", "both", 32, 490.0, 41.0),
-        ("meki-c", "both", 64, 100.0, 30.0),  # no dense of its shape: falls back to bundle 0
-    ]
     fakes = [_fake(*s[:3], s[3], s[4]) for s in specs]
     base_of = baselines(fakes)
-    assert base_of == [0, 0, 2, 2, 0]
     result = {
         "perplexity_comparable": True,
         "bundles": [
@@ -335,10 +327,26 @@ def test_each_meki_bundle_is_compared_with_the_dense_bundle_of_its_shape():
                 "gen_ratio": tps / specs[j][3],
                 "gen_ratio_cpu": tps / specs[j][3],
                 "decoder_nodes": 10,
+                "after_first_generation": {},
             }
             for (name, meki, _, tps, ppl), f, j in zip(specs, fakes, base_of, strict=True)
         ],
     }
+    return result, base_of
+
+
+def test_each_meki_bundle_is_compared_with_the_dense_bundle_of_its_shape():
+    from edge.llm.report import bars
+
+    specs = [  # name, meki, d_model, gen tok/s, ppl
+        ("dense-a", "off", 16, 1000.0, 50.0),
+        ("meki-a", "both", 16, 900.0, 45.0),
+        ("dense-b", "off", 32, 500.0, 40.0),
+        ("meki-b", "both", 32, 490.0, 41.0),
+        ("meki-c", "both", 64, 100.0, 30.0),  # no dense of its shape: falls back to bundle 0
+    ]
+    result, base_of = _fake_result(specs)
+    assert base_of == [0, 0, 2, 2, 0]
     got = {c["bundle"]: c for c in bars(result)}
     assert set(got) == {"meki-a", "meki-b"}  # meki-c has no dense bundle of its shape
     assert got["meki-a"]["dense"] == "dense-a" and got["meki-b"]["dense"] == "dense-b"
@@ -362,31 +370,12 @@ def test_bench_says_when_a_worker_dies():
 
 
 def test_a_second_dense_bundle_of_a_shape_is_reported_as_an_a_a_check():
-    from edge.llm.bench import SHAPE_KEYS, baselines
     from edge.llm.report import _speed_note
 
-    specs = [("dense", "off", 1000.0), ("dense-aa", "off", 980.0), ("meki", "both", 970.0)]
-    fakes = [_fake(name, meki, 16, tps, 50.0) for name, meki, tps in specs]
-    base_of = baselines(fakes)
+    specs = [("dense", "off", 16, 1000.0, 50.0), ("dense-aa", "off", 16, 980.0, 50.0)]
+    specs.append(("meki", "both", 16, 970.0, 50.0))
+    result, base_of = _fake_result(specs)
     assert base_of == [0, 0, 0]  # the copy is compared with the first dense bundle
-    result = {
-        "perplexity_comparable": True,
-        "bundles": [
-            {
-                "name": name,
-                "meki": meki,
-                "shape": {k: f["config"][k] for k in SHAPE_KEYS},
-                "baseline": 0,
-                "val_ppl": 50.0,
-                "gen_tps": tps,
-                "gen_ratio": tps / 1000.0,
-                "gen_ratio_cpu": tps / 1000.0,
-                "decoder_nodes": 10,
-                "after_first_generation": {},
-            }
-            for (name, meki, tps), f in zip(specs, fakes, strict=True)
-        ],
-    }
     text = "\n".join(_speed_note(result))
     assert "A/A check: dense-aa has the weights and graph of dense" in text
     assert "at 0.980x its speed" in text and "speed bar met by meki" in text

@@ -10,6 +10,7 @@ residency after `new_tokens` tokens is read; later rounds give the tokens/s medi
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -49,8 +50,6 @@ class BenchConfig:
 
 def allowed_cpus() -> set[int]:
     """CPUs this process may run on (all of them where affinity is not supported)."""
-    import os
-
     if hasattr(os, "sched_getaffinity"):
         return set(os.sched_getaffinity(0))
     return set(range(os.cpu_count() or 1))
@@ -63,8 +62,6 @@ def default_cpu() -> int | None:
     core-to-core differences (a busy sibling thread, another tenant) that otherwise
     bias one worker against another for a whole run.
     """
-    import os
-
     return max(allowed_cpus()) if hasattr(os, "sched_setaffinity") else None
 
 
@@ -98,8 +95,6 @@ def _worker(
 
     inspect: also count the optimised graph's operators (a second session; first launch only).
     """
-    import os
-
     from edge.llm.runtime import LlmRuntime
     from edge.llm.sampling import Sampler
 
@@ -262,8 +257,9 @@ def _measure(
             if r == 0 and first:
                 memory_after_first[i] = _ask(workers[i], "memory")
         rounds.append(row)
-    out: dict[str, Any] = {"hello": hello, "same_tokenizer": same_tok, "timed": rounds[1:]}
-    if first:
+    out: dict[str, Any] = {"timed": rounds[1:]}
+    if first:  # what the summary reads once: load-time facts, memory, perplexity
+        out["hello"], out["same_tokenizer"] = hello, same_tok
         out["memory_after_first"] = memory_after_first
         out["scores"] = [
             _ask(w, "score", v[: cfg.ppl_tokens + 1]) for w, v in zip(workers, val, strict=True)

@@ -226,13 +226,13 @@ def _noise_note(result: dict[str, Any]) -> list[str]:
     out = []
     for i, b in enumerate(bundles):
         j = b.get("baseline", 0)
-        if i != j and b["meki"] == "off" and bundles[j]["meki"] == "off":
-            if b["shape"] == bundles[j]["shape"]:
-                out.append(
-                    f"- A/A check: {b['name']} has the weights and graph of {bundles[j]['name']} "
-                    f"and ran in its own workers at {b['gen_ratio']:.3f}x its speed, so ratios "
-                    f"this close to 1 are within this run's noise."
-                )
+        base = bundles[j]
+        if i != j and b["meki"] == base["meki"] == "off" and b["shape"] == base["shape"]:
+            out.append(
+                f"- A/A check: {b['name']} has the weights and graph of {base['name']} "
+                f"and ran in its own workers at {b['gen_ratio']:.3f}x its speed, so ratios "
+                f"this close to 1 are within this run's noise."
+            )
     return out
 
 
