@@ -2,9 +2,10 @@
 
 Both servers run as child processes; the same client processes (deploy/bench_load.py) drive
 each cell in turn (clients x rpc x server, interleaved so drift in a shared machine's load
-hits all of them alike). splitedge is measured on both inputs: split (64 feature bytes per
-request, head.onnx) and raw (the 3x48x48 frame, full.onnx: the same work as the naive server,
-so its ratio isolates batching and the async server from the smaller message).
+hits all of them alike). splitedge is measured on both inputs: split (the bundle's features per
+request, e.g. 64 uint8 bytes, head.onnx) and raw (the 3x48x48 frame, full.onnx: the same work
+as the naive server, so its ratio isolates batching and the async server from the smaller
+message).
 """
 
 from __future__ import annotations
@@ -121,30 +122,45 @@ def _messages(bundle: Any) -> dict[str, tuple[bytes, bytes]]:
     policy = bundle.policy
     out, obs = policy["encoder"]["output"], policy["observation"]
     rng = np.random.default_rng(0)
+    quantised = out["dtype"] == "uint8"  # else float32 features, sent as they are
     hello = pb.HelloRequest(
         bundle_name=bundle.name,
         bundle_version=bundle.version,
         encoder_digest=policy["encoder"]["digest"],
         feature_spec=pb.TensorSpec(
-            shape=out["shape"], dtype=pb.UINT8, scale=out["scale"], zero_point=out["zero_point"]
+            shape=out["shape"],
+            dtype=pb.UINT8 if quantised else pb.FLOAT32,
+            scale=out["scale"],
+            zero_point=out["zero_point"],
         ),
         client_id="bench",
     )
-    features = rng.integers(0, 256, out["shape"], dtype=np.uint8)
     frame = rng.integers(0, 256, obs["shape"], dtype=np.uint8)
-    split = pb.Tensor(
-        shape=out["shape"],
-        dtype=pb.UINT8,
-        data=features.tobytes(),
-        scale=out["scale"],
-        zero_point=out["zero_point"],
-    )
+    if quantised:
+        features = rng.integers(0, 256, out["shape"], dtype=np.uint8)
+        split = pb.Tensor(
+            shape=out["shape"],
+            dtype=pb.UINT8,
+            data=features.tobytes(),
+            scale=out["scale"],
+            zero_point=out["zero_point"],
+        )
+    else:
+        values = rng.uniform(0.0, 4.0, out["shape"]).astype("<f4")  # ReLU outputs are >= 0
+        split = pb.Tensor(shape=out["shape"], dtype=pb.FLOAT32, data=values.tobytes())
     raw = pb.Tensor(shape=obs["shape"], dtype=pb.UINT8, data=frame.tobytes())
     raw_hello = pb.HelloRequest(mode=pb.MODE_RAW, bundle_name=bundle.name, client_id="bench")
     return {
         "split": (hello.SerializeToString(), split.SerializeToString()),
         "raw": (raw_hello.SerializeToString(), raw.SerializeToString()),
     }
+
+
+def _features_text(bundle: Any) -> str:
+    """What one split request carries, e.g. '64 uint8 features, 64 bytes'."""
+    out = bundle.policy["encoder"]["output"]
+    n = int(np.prod(out["shape"]))
+    return f"{n} {out['dtype']} features, {n * np.dtype(str(out['dtype'])).itemsize} bytes"
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -191,6 +207,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> d
     rows = [_median(runs) for runs in cells.values()]
     return {
         "bundle": f"{bundle.name} {bundle.version}",
+        "features": _features_text(bundle),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
         "machine": {
             "cpus": os.cpu_count(),
@@ -310,7 +327,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{c['rounds']} round(s), each number the median over rounds.",
             "",
             "Each client is a closed loop on its own gRPC channel: send, wait for the action, "
-            "send again. `splitedge split` receives 64 feature bytes (head.onnx); "
+            f"send again. `splitedge split` receives {result.get('features', '64 uint8 features, 64 bytes')} "
+            "(head.onnx); "
             "`splitedge raw` receives the 3x48x48 frame (full.onnx), the same work as "
             "`naive SB3`, a hand-written gRPC servicer calling the SB3 policy's `predict` "
             "once per request. Server CPU is the server process's CPU seconds over the cell "

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deploy.clients import ClientGroup
 from deploy.link import netns
 from deploy.link.kernel import BackendChoice, choose_backend, open_link
@@ -216,11 +218,19 @@ def check_links(cfg: MeasureConfig) -> list[LinkProfile]:
 
 
 def _split_message_bytes(bundle_path: Path) -> int:
+    """Bytes of one step's feature tensor: features x the bundle's dtype size (1 uint8, 4 float32)."""
     out = load_bundle(bundle_path).policy["encoder"]["output"]
     size = 1
     for d in out["shape"]:
         size *= int(d)
-    return size * {"uint8": 1, "int8": 1, "float16": 2}.get(out["dtype"], 4)
+    try:
+        itemsize = np.dtype(str(out["dtype"])).itemsize
+    except TypeError:
+        raise SplitedgeError(
+            f"bundle {bundle_path}: feature dtype {out['dtype']!r} is not a numpy dtype; "
+            "re-export it with `splitedge export`"
+        ) from None
+    return size * itemsize
 
 
 @contextlib.contextmanager

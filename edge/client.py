@@ -28,7 +28,7 @@ import numpy as np
 from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
 from edge.tls_check import diagnose
-from edge.wire import DTYPES, encode_frame, from_tensor, to_tensor
+from edge.wire import DTYPES, encode_frame, features_tensor, from_tensor
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from splitedge.bundle import Bundle, load_bundle
@@ -274,8 +274,8 @@ class PolicyClient:
     def _encode(self, frame: np.ndarray) -> pb.Tensor:
         if self.config.mode == "split":
             assert self.encoder is not None
-            features = self.encoder.encode(frame[None])[0]
-            return to_tensor(features, scale=self._out["scale"], zero_point=self._out["zero_point"])
+            features = self.encoder.encode(frame[None])[0]  # (F,) in the bundle's dtype
+            return features_tensor(features, self._out)
         return encode_frame(
             frame, {"raw": "none", "raw-png": "png", "raw-jpeg": "jpeg"}[self.config.mode]
         )

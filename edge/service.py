@@ -281,6 +281,8 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
     bundle = load_bundle(cfg.bundle)
     probe = np.load(release / "probe.npz")
     frame, expected, tol = probe["frame"], probe["features"], int(probe["tolerance_lsb"])
+    # one LSB in feature units: 1 for uint8 features, a float32 bundle's probe records its own
+    step = float(probe["step"]) if "step" in probe.files else 1.0
     client = PolicyClient(
         bundle,
         ClientConfig(
@@ -290,17 +292,26 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
     try:
         assert client.encoder is not None
         got = client.encoder.encode(frame[None])[0]
-        diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        if got.dtype != expected.dtype:
+            out["encoder"] = {"backend": client.encoder_reason, "ok": False}
+            out["error"] = (
+                f"encoder gives {got.dtype} features, the bundle's are {expected.dtype}; "
+                "use a backend that supports this bundle (ort always does)"
+            )
+            return out
+        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64)) / step
+        worst = float(diff.max())  # NaN from a broken backend fails the check below
         out["encoder"] = {
             "backend": client.encoder_reason,
-            "max_diff_lsb": int(diff.max()),
-            "values_off": int(np.count_nonzero(diff)),
+            "max_diff_lsb": int(worst) if expected.dtype == np.uint8 else round(worst, 2),
+            "values_off": int(np.count_nonzero(diff >= 1)),
             "tolerance_lsb": tol,
-            "ok": bool(diff.max() <= tol),
+            "ok": bool(worst <= tol),
         }
         if not out["encoder"]["ok"]:
             out["error"] = (
-                f"encoder output differs from the expected features by up to {int(diff.max())} (> {tol})"
+                "encoder output differs from the expected features by up to "
+                f"{out['encoder']['max_diff_lsb']} LSB (> {tol})"
             )
             return out
         try:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from protos import policy_pb2 as pb
+from splitedge.errors import SplitedgeError
 from splitedge.frame_images import stacks_planes
 
 DTYPES: dict[str, Any] = {
@@ -31,6 +32,23 @@ def to_tensor(array: np.ndarray, scale: float = 0.0, zero_point: int = 0) -> pb.
         scale=scale,
         zero_point=zero_point,
     )
+
+
+def features_tensor(features: np.ndarray, output: dict[str, Any]) -> pb.Tensor:
+    """One sample's features (F,) as the bundle's encoder output spec says they travel.
+
+    uint8 features carry the bundle's scale/zero_point; float32 ones are plain values (scale 0).
+    An encoder whose dtype is not the bundle's is refused here rather than relabelled.
+    """
+    dtype = str(output["dtype"])
+    if features.dtype != np.dtype(dtype):
+        raise SplitedgeError(
+            f"the encoder returned {features.dtype} features but the bundle's are {dtype}; "
+            "use a backend that supports this bundle (--backend ort always does)"
+        )
+    if dtype == "uint8":
+        return to_tensor(features, scale=output["scale"], zero_point=output["zero_point"])
+    return to_tensor(features.astype("<f4", copy=False))
 
 
 def from_tensor(t: pb.Tensor) -> np.ndarray:

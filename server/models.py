@@ -15,6 +15,8 @@ from splitedge.onnx import cpu_session
 
 # discrete: head.onnx gives int64 (B,); continuous: float32 (B, *shape) inside [low, high]
 ACTION_TYPES = ("discrete", "continuous")
+# uint8: quantised with the bundle's scale/zero_point; float32: the encoder's values as they are
+FEATURE_DTYPES = ("uint8", "float32")
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,17 @@ class Spec:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
+    @property
+    def quantised(self) -> bool:
+        """uint8 values that mean (q - zero_point) * scale; a float32 spec's scale is informative."""
+        return self.dtype == "uint8"
+
     def describe(self) -> str:
-        """e.g. 'uint8[64] scale 0.0314 zero_point 0'."""
+        """e.g. 'uint8[64] scale 0.0314 zero_point 0', or 'float32[64]'."""
         text = f"{self.dtype}{list(self.shape)}"
-        return f"{text} scale {self.scale:.6g} zero_point {self.zero_point}" if self.scale else text
+        if self.quantised and self.scale:
+            return f"{text} scale {self.scale:.6g} zero_point {self.zero_point}"
+        return text
 
 
 class OrtModel:
@@ -101,17 +110,25 @@ class PolicyModels:
                 f"bundle {path}: manifest policy section is incomplete ({e!r}); "
                 "re-export it with `splitedge export`"
             ) from e
-        if features.dtype != "uint8" or observation.dtype != "uint8":
+        if features.dtype not in FEATURE_DTYPES:
             raise SplitedgeError(
-                f"bundle {path}: features and observations must be uint8, got "
-                f"{features.dtype} and {observation.dtype}"
+                f"bundle {path}: features must be uint8 or float32, got {features.dtype!r}; "
+                "re-export it with `splitedge export`"
+            )
+        if observation.dtype != "uint8":
+            raise SplitedgeError(
+                f"bundle {path}: observations must be uint8, got {observation.dtype!r}"
             )
         if action_type not in ACTION_TYPES:
             raise SplitedgeError(
                 f"bundle {path}: action type must be one of {ACTION_TYPES}, got {action_type!r}"
             )
-        if not (math.isfinite(features.scale) and features.scale > 0):
-            raise SplitedgeError(f"bundle {path}: feature scale must be > 0, got {features.scale}")
+        if features.quantised and not (math.isfinite(features.scale) and features.scale > 0):
+            raise SplitedgeError(
+                f"bundle {path}: uint8 feature scale must be > 0, got {features.scale}"
+            )
+        if not (math.isfinite(features.scale) and features.scale >= 0):
+            raise SplitedgeError(f"bundle {path}: feature scale must be >= 0, got {features.scale}")
         models = cls(
             bundle,
             digest,

@@ -58,7 +58,8 @@ def _short(digest: str) -> str:
 
 
 def check_split_hello(request: pb.HelloRequest, models: PolicyModels) -> None:
-    """Refuse a split-mode Hello whose encoder digest or feature spec differs from the bundle's."""
+    """Refuse a split-mode Hello whose encoder digest or feature spec (shape, dtype and, for
+    uint8, scale/zero_point) differs from the bundle's."""
     client_bundle = f"bundle {request.bundle_name or '?'} {request.bundle_version or '?'}"
     server_bundle = f"bundle {models.name} {models.version}"
     if request.encoder_digest != models.digest:
@@ -74,12 +75,14 @@ def check_split_hello(request: pb.HelloRequest, models: PolicyModels) -> None:
         fs.scale,
         fs.zero_point,
     )
-    same = client.shape == want.shape and (
-        client.dtype == "float32"  # dequantised features: the server quantises them
-        or (
-            client.dtype == want.dtype
-            and scale_matches(client.scale, want.scale)
-            and client.zero_point == want.zero_point
+    # the dtype is the bundle's: a uint8 encoder next to a float32 head (or the reverse) is
+    # another export of the model; only quantised features carry a scale that must agree
+    same = (
+        client.shape == want.shape
+        and client.dtype == want.dtype
+        and (
+            not want.quantised
+            or (scale_matches(client.scale, want.scale) and client.zero_point == want.zero_point)
         )
     )
     if not same:

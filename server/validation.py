@@ -14,8 +14,10 @@ Raw frames (MODE_RAW) may arrive in three encodings; a client must produce them 
   ``Tensor.shape`` is still [C, H, W] and ``dtype`` UINT8; ``data`` is the encoded file.
   The server decodes with Pillow and transposes back to (C, H, W).
 
-Features (MODE_SPLIT) are ``Tensor(shape=[F], ...)`` with no batch dim, either UINT8 with
-the bundle's scale/zero_point, or FLOAT32 dequantised values, which the server quantises.
+Features (MODE_SPLIT) are ``Tensor(shape=[F], ...)`` with no batch dim, in the bundle's
+feature dtype. A uint8 bundle takes UINT8 with the bundle's scale/zero_point, or FLOAT32
+dequantised values, which the server quantises. A float32 bundle (a model trained without
+quantisation) takes FLOAT32 only, as they are; its head.onnx reads float32.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ def scale_matches(a: float, b: float) -> bool:
 
 
 def features_sample(t: pb.Tensor, spec: Spec) -> np.ndarray:
-    """A split-mode request's features as the head's uint8 input row, shape spec.shape."""
+    """A split-mode request's features as the head's input row (spec.dtype), shape spec.shape."""
     if t.codec != pb.CODEC_NONE:
         raise _invalid(f"features must use codec NONE, got {_codec_name(t.codec)}")
+    if not spec.quantised:
+        return _float_features(t, spec)
     if t.dtype not in (pb.UINT8, pb.FLOAT32):
         raise _invalid(
             f"features dtype {_dtype_name(t.dtype)} not accepted; send UINT8 "
@@ -94,14 +98,29 @@ def features_sample(t: pb.Tensor, spec: Spec) -> np.ndarray:
                 f"bundle expects scale {spec.scale:.6g} zero_point {spec.zero_point}"
             )
         return _raw_array(t, spec, "uint8", "features")  # the batcher's np.stack copies it
-    x = _raw_array(t, spec, "float32", "features")
+    x = _finite(_raw_array(t, spec, "float32", "features"))
+    q = np.rint(x.astype(np.float64) / spec.scale) + spec.zero_point
+    return np.clip(q, 0, 255).astype(np.uint8)
+
+
+def _float_features(t: pb.Tensor, spec: Spec) -> np.ndarray:
+    """A float32 bundle's features: FLOAT32 values taken as they are (no quantisation)."""
+    if t.dtype != pb.FLOAT32:
+        raise _invalid(
+            f"features dtype {_dtype_name(t.dtype)} not accepted; this bundle's features are "
+            f"{spec.describe()}: send FLOAT32 values, not quantised ones"
+        )
+    _check_shape(t, spec, "features")
+    return _finite(_raw_array(t, spec, "float32", "features"))
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
     bad = int(np.count_nonzero(~np.isfinite(x)))
     if bad:
         raise _invalid(
             f"features contain NaN or Inf ({bad} of {x.size} values); send finite values"
         )
-    q = np.rint(x.astype(np.float64) / spec.scale) + spec.zero_point
-    return np.clip(q, 0, 255).astype(np.uint8)
+    return x
 
 
 def observation_sample(t: pb.Tensor, spec: Spec) -> np.ndarray:

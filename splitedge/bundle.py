@@ -5,8 +5,9 @@ Layout of a policy bundle::
     manifest.json        format, kind, name, version, created, files{path: sha256}, policy{...}
     encoder_ir.json      layer IR of the device encoder (see splitedge.ir)
     encoder_weights.npz  its weights, keyed by the names in the IR
-    encoder.onnx         uint8 observation -> quantised features (CPU fallback)
-    head.onnx            features -> action (server side)
+    encoder.onnx         uint8 observation -> features (CPU fallback): uint8 quantised with
+                         policy.encoder.output's scale/zero_point, or float32 as they are
+    head.onnx            features (that dtype) -> action (server side)
     full.onnx            uint8 observation -> action (raw-offload baseline)
     manifest.sig         optional ed25519 signature over manifest.json
 """

@@ -3,7 +3,9 @@
 Computed at flash time with onnxruntime on the flashing machine and carried to
 the device, which encodes the same frame with its own backend and must agree
 within a small tolerance (quantised features: a float rounding difference moves
-a value by one step, a wrong encoder moves many by a lot).
+a value by one step, a wrong encoder moves many by a lot). Float32 features are
+compared in steps too: the bundle's 8-bit storage scale when it records one, else
+1/255 of the probe's largest feature (see `feature_step`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from splitedge.bundle import Bundle
 
-TOLERANCE_LSB = 2  # uint8 steps; GL backends store activations in 8 bits between layers
+TOLERANCE_LSB = 2  # feature steps; GL backends store activations in 8 bits between layers
 
 
 def probe_frame(bundle: Bundle, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -41,6 +43,16 @@ def probe_frame(bundle: Bundle, seed: int = 0) -> tuple[np.ndarray, str]:
     return rng.integers(0, 256, size=shape, dtype=np.uint8), f"uniform noise, seed {seed}"
 
 
+def feature_step(bundle: Bundle, features: np.ndarray) -> float:
+    """One LSB in feature units: 1 for uint8 features; for float32, the bundle's scale (the es2
+    final-stage storage step) when > 0, else 1/255 of the probe's largest absolute feature."""
+    out = bundle.policy["encoder"]["output"]
+    if str(out["dtype"]) == "uint8":
+        return 1.0
+    scale = float(out.get("scale") or 0.0)
+    return scale if scale > 0 else max(float(np.abs(features).max()), 1e-6) / 255.0
+
+
 def write_probe(bundle: Bundle, out: Path) -> dict[str, Any]:
     """Compute the expected features with encoder.onnx here and save frame + features to out (.npz)."""
     from edge.encoder import make_encoder
@@ -51,10 +63,19 @@ def write_probe(bundle: Bundle, out: Path) -> dict[str, Any]:
         features = encoder.encode(frame[None])[0]
     finally:
         encoder.close()
-    np.savez(out, frame=frame, features=features, tolerance_lsb=np.int64(TOLERANCE_LSB))
+    step = feature_step(bundle, features)
+    np.savez(
+        out,
+        frame=frame,
+        features=features,
+        tolerance_lsb=np.int64(TOLERANCE_LSB),
+        step=np.float64(step),
+    )
     return {
         "probe": source,
         "features": int(features.size),
+        "dtype": str(features.dtype),
+        "step": step,
         "nonzero": int(np.count_nonzero(features)),
         "tolerance_lsb": TOLERANCE_LSB,
     }

@@ -1,4 +1,7 @@
-"""Device encoders: uint8 observations (B, C, H, W) -> uint8 features (B, F).
+"""Device encoders: uint8 observations (B, C, H, W) -> features (B, F).
+
+Features come in the bundle's dtype (manifest policy.encoder.output.dtype): uint8 quantised
+with its scale/zero_point, or float32 for a model trained without quantisation.
 
 Every backend implements the same small interface and is checked against the
 same reference. Backends register by name; `make_encoder` picks one.
@@ -21,7 +24,7 @@ class Encoder(Protocol):
     name: str
 
     def encode(self, observations: np.ndarray) -> np.ndarray:
-        """uint8 (B, C, H, W) -> uint8 (B, F) quantised features."""
+        """uint8 (B, C, H, W) -> (B, F) features: uint8 quantised or float32, as the bundle says."""
         ...
 
     def close(self) -> None: ...

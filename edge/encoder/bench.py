@@ -108,13 +108,19 @@ def fidelity_rows(
             "backend": name,
             "vs": reference,
             "features_identical_%": 100.0 * float(np.mean(feat == ref_feat)),
-            "max_feature_diff": int(np.abs(feat.astype(int) - ref_feat).max()),
+            "max_feature_diff": _max_diff(feat, ref_feat),
             "actions_identical_%": 100.0 * float(np.mean(head_actions(head, feat) == ref_act)),
         }
         if episodes > 0:
             row["mean_return"] = float(np.mean(episode_returns(encode, head, task, episodes)))
         rows.append(row)
     return rows
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int | float:
+    """Largest absolute difference: in uint8 steps for quantised features, else in value units."""
+    worst = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+    return int(worst) if a.dtype.kind in "iu" and b.dtype.kind in "iu" else worst
 
 
 def one_layer_ir(ir: EncoderIR) -> tuple[EncoderIR, dict[str, np.ndarray]]:
@@ -137,7 +143,7 @@ def one_layer_ir(ir: EncoderIR) -> tuple[EncoderIR, dict[str, np.ndarray]]:
 
 
 def head_actions(head: Any, features: np.ndarray) -> np.ndarray:
-    """Actions of the bundle's head.onnx session for uint8 features (B, F)."""
+    """Actions of the bundle's head.onnx session for features (B, F) in the bundle's dtype."""
     return np.asarray(head.run(None, {head.get_inputs()[0].name: features})[0]).reshape(
         len(features), -1
     )[:, 0]

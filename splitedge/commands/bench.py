@@ -82,7 +82,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _torch_encoder(bundle: Any) -> tuple[Callable[[Any], Any], str]:
-    """torch reference: MiniConv with the bundle's weights, uint8 in, uint8 out (as encoder.onnx)."""
+    """torch reference: MiniConv with the bundle's weights, uint8 in, features out in the
+    bundle's dtype (uint8 quantised, or float32 as they are), as encoder.onnx."""
     try:
         import torch
 
@@ -97,11 +98,13 @@ def _torch_encoder(bundle: Any) -> tuple[Callable[[Any], Any], str]:
     enc = bundle.policy["encoder"]
     ir = EncoderIR.from_json(bundle.file(enc["ir"]).read_text())
     model = MiniConv.from_weights(ir, load_weights(bundle.file(enc["weights"])))
+    quantised = str(enc["output"]["dtype"]) == "uint8"
 
     def encode(obs: Any) -> Any:
         with torch.inference_mode():
             x = torch.from_numpy(obs).to(torch.float32) * ir.input_scale
-            return model.quant.to_uint8(model.net(x).flatten(1)).numpy()
+            features = model.net(x).flatten(1)  # (B, F) float32
+            return (model.quant.to_uint8(features) if quantised else features).numpy()
 
     return (
         encode,
