@@ -18,6 +18,7 @@ import hashlib
 import json
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,33 @@ def verify_files(root: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def is_sb3_model(path: Path) -> bool:
+    """A Stable-Baselines3 save (model.zip, .sb3.zip): a zip with `data` and `policy.pth`."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return {"data", "policy.pth"} <= names
+
+
+def not_a_bundle(path: Path) -> str:
+    """Why `path`, given as a bundle but neither a directory nor a .tar, is not one: what to do."""
+    if not path.exists():
+        return f"bundle {path} not found (expected a directory or a .tar)"
+    if is_sb3_model(path):
+        return (
+            f"{path} is a Stable-Baselines3 model, not a bundle; make a bundle from it with "
+            f"`splitedge export --model {path} --out DIR` and pass DIR"
+        )
+    kind = "a zip archive" if zipfile.is_zipfile(path) else "a file"
+    return f"{path} is {kind}, not a bundle (expected a bundle directory or a .tar of one)"
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
+    """A bundle directory's manifest.json, checked for our format (SplitedgeError otherwise)."""
+    if not Path(root).is_dir():
+        raise SplitedgeError(not_a_bundle(Path(root)))
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise SplitedgeError(
@@ -152,7 +179,7 @@ def load_bundle(
     elif path.is_dir():
         root = path
     else:
-        raise SplitedgeError(f"bundle {path} not found (expected a directory or a .tar)")
+        raise SplitedgeError(not_a_bundle(path))
     manifest = read_manifest(root)
     if verify:
         problems = verify_files(root, manifest)

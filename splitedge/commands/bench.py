@@ -1,4 +1,5 @@
-"""`splitedge bench ...`: side-by-side benchmarks. `bench encoder`: encoder backends vs torch."""
+"""`splitedge bench ...`: side-by-side benchmarks. `bench encoder`: encoder backends vs torch;
+`bench server` (bench_server.py): the policy server vs a naive SB3 server."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ GL_TARGETS = ("gl33", "es31", "es2")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="side-by-side benchmarks (encoder backends)")
+    p = sub.add_parser(
+        "bench", help="side-by-side benchmarks: encoder backends, and the policy server"
+    )
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     for add in SUBCOMMANDS:
         add(bsub)
@@ -64,7 +67,9 @@ def _register_encoder(bsub: argparse._SubParsersAction) -> None:
         default=0,
         help="closed-loop episodes per backend for mean return (default: %(default)s)",
     )
-    e.add_argument("--json", action="store_true")
+    e.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     e.set_defaults(func=run_encoder)
 
 

@@ -57,8 +57,18 @@ def add_server_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         help="from split (splitedge, features), raw (splitedge, frames), naive (SB3 predict) "
         "(default: %(default)s)",
     )
-    p.add_argument("--seconds", type=float, default=2.0, help="measuring window per cell")
-    p.add_argument("--warmup", type=float, default=0.5, help="seconds before each window")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="measuring window per cell, seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        help="untimed seconds before each window (default: %(default)s)",
+    )
     p.add_argument(
         "--client-procs", type=int, default=4, help="client processes (default: %(default)s)"
     )
@@ -75,7 +85,9 @@ def add_server_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         help="extra `splitedge serve` option, e.g. --server-arg=--max-batch=128 (repeatable)",
     )
     p.add_argument("--out", type=Path, help="also write a markdown report here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     p.set_defaults(func=run_server)
 
 

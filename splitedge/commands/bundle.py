@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "name each file that does not match and exit 1.",
     )
     v.add_argument("bundle", type=Path, help="bundle directory or .tar")
-    v.add_argument("--json", action="store_true")
+    v.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     v.set_defaults(func=verify)
     s = bsub.add_parser(
         "sign",
@@ -41,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="create the key pair first (KEY and KEY.pub) if KEY does not exist",
     )
-    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     s.set_defaults(func=sign)
 
 

@@ -48,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "127.0.0.1 are always included",
     )
     p.add_argument("--days", type=int, default=365, help="validity (default: %(default)s)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     p.set_defaults(func=run)
 
 

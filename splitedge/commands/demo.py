@@ -22,8 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps", type=int, default=50, help="decisions per cell (default: %(default)s)"
     )
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/demo"),
+        help="directory for results.json, results.csv and latency_cdf.png (default: %(default)s)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     p.set_defaults(func=run)
 
 

@@ -34,9 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="seconds",
         type=float,
         default=0,
-        help="stop after this many seconds (0: Ctrl-C)",
+        help="stop after this many seconds; 0 runs until Ctrl-C (default: %(default)s)",
     )
-    e.add_argument("--json", action="store_true")
+    e.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     e.set_defaults(func=emulate)
 
 

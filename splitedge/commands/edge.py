@@ -55,9 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="split",
         help="send features (split) or frames (raw baselines) (default: %(default)s)",
     )
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--seed", type=int, default=0, help="seed for the env's episodes (default: %(default)s)"
+    )
     add_client_options(r)
-    r.add_argument("--json", action="store_true")
+    r.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     r.set_defaults(func=run)
 
 

@@ -35,7 +35,9 @@ def add_ssh_options(p: argparse.ArgumentParser) -> None:
         default="python3",
         help="python on the device, 3.10+ (default: %(default)s)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

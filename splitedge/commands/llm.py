@@ -37,26 +37,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--name", default=None, help="bundle name (default: the output directory's name)"
     )
-    f.add_argument("--version", default="1.0.0")
+    f.add_argument(
+        "--version", default="1.0.0", help="bundle version for the manifest (default: %(default)s)"
+    )
     f.add_argument(
         "--val-tokens",
         type=int,
         default=16384,
         help="validation tokens shipped for on-device perplexity (default: %(default)s)",
     )
-    f.add_argument("--json", action="store_true")
+    f.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     f.set_defaults(func=fold)
     g = lsub.add_parser("generate", help="stream text from an llm bundle (onnxruntime, no torch)")
     g.add_argument("prompt", help="text to continue")
     g.add_argument("--bundle", type=Path, required=True, help="llm bundle directory or .tar")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="tokens to generate after the prompt (default: %(default)s)",
+    )
     g.add_argument(
         "--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)"
     )
     g.add_argument("--top-k", type=int, default=40, help="0 = off (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: %(default)s)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument(
         "--threads", type=int, default=1, help="onnxruntime threads (default: %(default)s)"
     )
@@ -83,18 +92,45 @@ def _register_train(lsub: argparse._SubParsersAction) -> None:
         help="off = dense baseline; static/dynamic = ablations (default: %(default)s)",
     )
     t.add_argument("--d-mem", type=int, default=64, help="memory row width (default: %(default)s)")
-    t.add_argument("--d-model", type=int, default=128)
-    t.add_argument("--layers", type=int, default=4)
-    t.add_argument("--heads", type=int, default=4)
-    t.add_argument("--ffn-hidden", type=int, default=352)
-    t.add_argument("--block-size", type=int, default=256)
+    t.add_argument("--d-model", type=int, default=128, help="hidden width (default: %(default)s)")
+    t.add_argument(
+        "--layers", type=int, default=4, help="transformer layers (default: %(default)s)"
+    )
+    t.add_argument(
+        "--heads", type=int, default=4, help="attention heads per layer (default: %(default)s)"
+    )
+    t.add_argument(
+        "--ffn-hidden",
+        type=int,
+        default=352,
+        help="SwiGLU hidden width, about 8/3 of --d-model (default: %(default)s)",
+    )
+    t.add_argument(
+        "--block-size",
+        type=int,
+        default=256,
+        help="training context in tokens; the runtime slides a window this long "
+        "(default: %(default)s)",
+    )
     t.add_argument(
         "--vocab", type=int, default=2048, help="BPE vocabulary size (default: %(default)s)"
     )
-    t.add_argument("--steps", type=int, default=600)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=600, help="optimiser steps (default: %(default)s)")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="sequences of --block-size tokens per step (default: %(default)s)",
+    )
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="peak AdamW learning rate, after warm-up, cosine decay (default: %(default)s)",
+    )
+    t.add_argument(
+        "--seed", type=int, default=0, help="seed for init and batches (default: %(default)s)"
+    )
     t.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)"
     )
@@ -111,8 +147,10 @@ def _register_train(lsub: argparse._SubParsersAction) -> None:
         default=DEFAULT_DATA,
         help="prepared tokenizer + token files, made here if missing (default: %(default)s)",
     )
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     t.set_defaults(func=train)
 
 
@@ -166,7 +204,9 @@ def _register_bench(lsub: argparse._SubParsersAction) -> None:
         "bias between them (default: the last CPU this process may use; -1: no pinning)",
     )
     b.add_argument("--report", type=Path, default=None, help="also write this markdown report")
-    b.add_argument("--json", action="store_true")
+    b.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     b.set_defaults(func=bench)
 
 

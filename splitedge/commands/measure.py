@@ -73,8 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="first check every available link backend against theory (28 KB and 512 B "
         "over 1 Mbit/s, 20 ms) and include the result",
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     add_client_options(p)
     # Measuring slow links: a raw frame over GPRS takes ~3 s, so the loop's 2 s default is too short.
     p.set_defaults(func=run, deadline_ms=30_000.0)

@@ -19,8 +19,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "encoder, random-policy return, FLOPs and bytes per step) into markdown with one "
         "learning-curve PNG per task beside it.",
     )
-    lp.add_argument("--runs", type=Path, default=Path("runs/learning"), help="run directories")
-    lp.add_argument("--out", type=Path, default=Path("docs/results/learning.md"))
+    lp.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/learning"),
+        help="folder searched for run directories with result.json (default: %(default)s)",
+    )
+    lp.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/results/learning.md"),
+        help="markdown file to write; curve PNGs go beside it (default: %(default)s)",
+    )
     lp.add_argument("--json", action="store_true", help="print the summary as JSON")
     lp.set_defaults(func=run_learning)
 

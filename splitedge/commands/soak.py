@@ -42,9 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--interval", type=float, default=0.5, help="seconds between samples (default: 0.5)"
     )
     p.add_argument("--windows", type=int, default=6, help="windows compared (default: 6)")
-    p.add_argument("--out", type=Path, default=Path("out/soak"))
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/soak"),
+        help="directory for soak.json and soak.png (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
     p.set_defaults(func=run)
 
 

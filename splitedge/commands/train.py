@@ -34,7 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="miniconv, miniconv-es2, miniconv-camera (4x4 average first, for camera-size "
         "frames) or naturecnn (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the envs, torch and SB3 (default: %(default)s)",
+    )
     p.add_argument(
         "--timesteps", type=int, default=150_000, help="environment steps (default: %(default)s)"
     )
