@@ -1,11 +1,23 @@
-"""Export a trained SB3 split policy to a bundle: IR + weights, encoder/head/full ONNX, manifest."""
+"""Export a user's SB3 image policy to a bundle, and prove the bundle acts like the model.
+
+The model is read for what it is (models/sb3_policy.py): any PPO / A2C / SAC / TD3 / DDPG
+image policy whose features extractor starts with a conv stack. Observations for the
+feature scale, the es2 activation scales and the self-check come from the user's env or
+a frames file, never from a task we guess. Before anything is written, the bundle's
+encoder + head (onnxruntime) must give `predict(deterministic=True)`'s actions: discrete
+identical, continuous within 1e-4. Features cross the wire as uint8 when that holds with
+a calibrated scale, else as float32 (said in the output and the manifest).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,49 +26,51 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.algos import ALGOS, DISCRETE_ALGOS, actor_encoder, actor_head
-from models.encoders import MiniConv, MiniConvExtractor
+from models.observations import Observations, gather
+from models.sb3_policy import Actor, check_split, load_model, predict, read_actor
 from splitedge import __version__, ir
-from splitedge.bundle import write_manifest
+from splitedge.bundle import MANIFEST, write_manifest
 from splitedge.errors import SplitedgeError
 
 OPSET = 17
+CONTINUOUS_TOL = 1e-4  # |bundle - predict| allowed per action component (float32 rounding)
+FEATURE_DTYPES = ("auto", "uint8", "float32")
+__all__ = ["export_policy", "load_model", "sb3_actions"]
 
 
 class EncoderGraph(nn.Module):
-    """uint8 (B, C, H, W) -> uint8 features (B, F): the /255 SB3 does, the encoder, quantisation."""
+    """uint8 (B, C, H, W) -> features (B, F): SB3's input scaling, the conv stack, and
+    uint8 quantisation q = clip(round(x / scale) + zero_point, 0, 255) unless float32."""
 
-    def __init__(self, encoder: MiniConv):
+    def __init__(self, actor: Actor, enc_ir: ir.EncoderIR):
         super().__init__()
-        self.encoder = encoder
+        self.net, self.input_scale = actor.encoder.net, actor.input_scale
+        self.quantise = enc_ir.output_dtype == "uint8"
+        self.scale, self.zero_point = enc_ir.output_scale, enc_ir.output_zero_point
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.to(torch.float32) * self.encoder.ir.input_scale
-        return self.encoder.quant.to_uint8(self.encoder.net(x).flatten(1))
+        f = self.net(obs.to(torch.float32) * self.input_scale).flatten(1)  # (B, F)
+        if not self.quantise:
+            return f
+        q = torch.round(f / self.scale) + self.zero_point
+        return torch.clamp(q, 0.0, 255.0).to(torch.uint8)
 
 
 class HeadGraph(nn.Module):
-    """uint8 features (B, F) -> deterministic action, as SB3's predict(deterministic=True).
+    """features (B, F) -> predict(deterministic=True)'s action: argmax int64 (B,) for a
+    discrete space, float32 (B, n) in the Box's bounds for a continuous one."""
 
-    PPO: argmax of the logits, int64 (B,). SAC/DDPG: the squashed actor output in [-1, 1]
-    unscaled to the Box's [low, high] as BasePolicy.predict does, float32 (B, n_actions).
-    """
-
-    def __init__(self, algo: str, policy: Any, scale: float):
+    def __init__(self, actor: Actor, enc_ir: ir.EncoderIR):
         super().__init__()
-        self.discrete, self.scale = algo in DISCRETE_ALGOS, scale
-        self.actor = actor_head(algo, policy)
-        if not self.discrete:
-            space = policy.action_space
-            self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32))
-            self.register_buffer("high", torch.as_tensor(space.high, dtype=torch.float32))
+        self.post, self.head = actor.post, actor.head
+        self.dequantise = enc_ir.output_dtype == "uint8"
+        self.scale, self.zero_point = enc_ir.output_scale, enc_ir.output_zero_point
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        f = features.to(torch.float32) * self.scale  # (B, F)
-        out = self.actor(f)  # (B, n): logits, or an action in [-1, 1]
-        if self.discrete:
-            return torch.argmax(out, dim=1)  # (B,)
-        return self.low + (0.5 * (out + 1.0) * (self.high - self.low))  # (B, n)
+        f = features.to(torch.float32)
+        if self.dequantise:
+            f = (f - self.zero_point) * self.scale
+        return self.head(self.post(f))
 
 
 class FullGraph(nn.Module):
@@ -70,9 +84,7 @@ class FullGraph(nn.Module):
         return self.head(self.encoder(obs))
 
 
-def _export(
-    module: nn.Module, example: torch.Tensor, path: Path, in_name: str, out_name: str
-) -> None:
+def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str]) -> None:
     module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,27 +92,12 @@ def _export(
             module,
             (example,),
             str(path),
-            input_names=[in_name],
-            output_names=[out_name],
-            dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
             opset_version=OPSET,
             dynamo=False,
         )
-
-
-def with_es2_scales(
-    enc_ir: ir.EncoderIR, weights: dict[str, np.ndarray], task: str
-) -> ir.EncoderIR:
-    """The IR with per-layer 8-bit activation scales for es2, calibrated on the task's frames.
-
-    Recorded at export so every device stores activations on the same grid (and the
-    encoder digest covers it), instead of each device calibrating on its own at load.
-    """
-    from edge.encoder.calibrate import EXTRA_KEY, calibrate, to_extra
-    from models.qat import calibration_frames  # the frames es2 training finishes on
-
-    scales = to_extra(calibrate(enc_ir, weights, calibration_frames(task)))
-    return replace(enc_ir, extra={**enc_ir.extra, EXTRA_KEY: scales})
 
 
 def _git_commit() -> str:
@@ -112,64 +109,112 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def algorithm_of(model_zip: Path) -> str:
-    """The algorithm that saved model_zip: result.json's config.algo, else its policy class."""
-    result_path = model_zip.parent / "result.json"
-    if result_path.exists():
-        algo = json.loads(result_path.read_text()).get("config", {}).get("algo")
-        if algo is not None:
-            if algo not in ALGOS:
-                raise SplitedgeError(
-                    f"{result_path} says algo {algo!r}; export supports {', '.join(ALGOS)}"
-                )
-            return str(algo)
-    from stable_baselines3.common.policies import ActorCriticPolicy
-    from stable_baselines3.common.save_util import load_from_zip_file
-    from stable_baselines3.sac.policies import SACPolicy
-    from stable_baselines3.td3.policies import TD3Policy
+def _output_grid(actor: Actor, frames: np.ndarray) -> tuple[float, int]:
+    """(scale, zero_point) of the uint8 feature grid: the trained one, or calibrated."""
+    if actor.trained_quantised:
+        return actor.encoder.ir.output_scale, actor.encoder.ir.output_zero_point
+    with torch.no_grad():
+        x = torch.as_tensor(frames).float() * actor.input_scale
+        f = actor.encoder.net(x)
+    lo, hi = min(float(f.min()), 0.0), max(float(f.max()), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    return scale, int(np.clip(round(-lo / scale), 0, 255))
 
-    try:
-        data, _, _ = load_from_zip_file(model_zip, device="cpu", load_data=True)
-    except Exception as e:  # SB3 raises several types for a file that is not its zip
-        raise SplitedgeError(f"{model_zip} is not an SB3 model.zip ({e})") from e
-    policy_class = (data or {}).get("policy_class")
-    for base, algo in ((ActorCriticPolicy, "ppo"), (SACPolicy, "sac"), (TD3Policy, "ddpg")):
-        if isinstance(policy_class, type) and issubclass(policy_class, base):
-            return algo
-    raise SplitedgeError(
-        f"{model_zip}: cannot tell its algorithm (policy class {policy_class!r}); "
-        f"export supports {', '.join(ALGOS)} models saved by `splitedge train`"
+
+def _encoder_ir(actor: Actor, dtype: str, frames: np.ndarray) -> ir.EncoderIR:
+    """The IR with its output grid (uint8, or es2's last-stage storage for float32) and the
+    es2 per-stage activation scales, both calibrated on the user's observations."""
+    from edge.encoder.calibrate import EXTRA_KEY, calibrate, to_extra
+
+    scale, zero_point = _output_grid(actor, frames)
+    base = replace(
+        actor.encoder.ir,
+        input_scale=actor.input_scale,
+        output_scale=scale,
+        output_zero_point=zero_point,
+        output_dtype=dtype,
     )
+    weights = actor.encoder.weights()
+    scales = to_extra(calibrate(base, weights, frames))
+    return replace(base, extra={**base.extra, EXTRA_KEY: scales})
 
 
-def load_model(model_zip: Path) -> tuple[Any, str]:
-    """(the SB3 model, its algorithm name) for a model.zip, on the CPU."""
-    import stable_baselines3
-
-    import models.algos  # noqa: F401  (the off-policy policy classes the zip refers to)
-
-    algo = algorithm_of(model_zip)
-    try:
-        return getattr(stable_baselines3, algo.upper()).load(model_zip, device="cpu"), algo
-    except Exception as e:  # a broken or foreign zip fails in many ways inside SB3
-        raise SplitedgeError(
-            f"cannot load {model_zip} as an SB3 {algo.upper()} model ({type(e).__name__}: {e})"
-        ) from e
+def _write_onnx(actor: Actor, enc_ir: ir.EncoderIR, out: Path) -> None:
+    enc, head = EncoderGraph(actor, enc_ir), HeadGraph(actor, enc_ir)
+    feat_dtype = torch.uint8 if enc_ir.output_dtype == "uint8" else torch.float32
+    obs = torch.zeros((1, enc_ir.channels, enc_ir.height, enc_ir.width), dtype=torch.uint8)
+    feat = torch.zeros((1, enc_ir.feature_count), dtype=feat_dtype)
+    _export(enc, obs, out / "encoder.onnx", ("observation", "features"))
+    _export(head, feat, out / "head.onnx", ("features", "action"))
+    _export(FullGraph(enc, head), obs, out / "full.onnx", ("observation", "action"))
 
 
-def _split_encoder(algo: str, policy: Any, model_zip: Path) -> MiniConv:
-    """The MiniConv the deployed actor runs; SplitedgeError for an encoder that is not split."""
-    extractor = actor_encoder(algo, policy)
-    if not isinstance(extractor, MiniConvExtractor):
-        raise SplitedgeError(
-            f"{model_zip} uses a {type(extractor).__name__} encoder, which has no device "
-            "(shader) form; train with `--encoder miniconv` (or miniconv-es2) to export a bundle"
-        )
-    return extractor.encoder
+def _compare(got: np.ndarray, want: np.ndarray, discrete: bool) -> dict[str, Any]:
+    got, want = np.asarray(got).reshape(len(want), -1), np.asarray(want).reshape(len(want), -1)
+    if discrete:
+        same = np.all(got == want, axis=1)
+        return {"observations": len(want), "agree": float(same.mean())}
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64)).max(axis=1)
+    return {
+        "observations": len(want),
+        "agree": float((diff <= CONTINUOUS_TOL).mean()),
+        "max_abs_diff": float(diff.max()),
+    }
 
 
-def _action_spec(algo: str, space: Any) -> dict[str, Any]:
-    if algo in DISCRETE_ALGOS:
+def _es2_features(
+    enc_ir: ir.EncoderIR, weights: dict[str, np.ndarray], obs: np.ndarray
+) -> np.ndarray:
+    """What the es2 target (8-bit storage between passes) sends, by the reference interpreter."""
+    from edge.encoder.calibrate import from_ir
+    from edge.encoder.reference import encode, fake_quant, forward
+
+    act_quant = from_ir(enc_ir)
+    if enc_ir.output_dtype == "uint8":
+        return encode(enc_ir, weights, obs, act_quant)
+    f = forward(enc_ir, weights, obs, act_quant)  # es2's last stage is stored on the output grid
+    return fake_quant(f, enc_ir.output_scale, enc_ir.output_zero_point).astype(np.float32)
+
+
+def prove(
+    bundle_dir: Path,
+    enc_ir: ir.EncoderIR,
+    weights: dict[str, np.ndarray],
+    obs: np.ndarray,
+    want: np.ndarray,
+    discrete: bool,
+) -> dict[str, Any]:
+    """Agreement of the bundle's ort split, ort full graph and es2 reference with predict."""
+    import onnxruntime as ort
+
+    def session(name: str) -> Any:
+        return ort.InferenceSession(str(bundle_dir / name), providers=["CPUExecutionProvider"])
+
+    enc, head, full = session("encoder.onnx"), session("head.onnx"), session("full.onnx")
+    feats = enc.run(None, {"observation": obs})[0]
+    es2 = _es2_features(enc_ir, weights, obs).astype(feats.dtype)
+    return {
+        "ort": _compare(head.run(None, {"features": feats})[0], want, discrete),
+        "full": _compare(full.run(None, {"observation": obs})[0], want, discrete),
+        "es2_reference": _compare(head.run(None, {"features": es2})[0], want, discrete),
+    }
+
+
+def _passes(check: dict[str, Any]) -> bool:
+    return bool(check["ort"]["agree"] == 1.0 and check["full"]["agree"] == 1.0)
+
+
+def _describe(check: dict[str, Any]) -> str:
+    parts = []
+    for k in ("ort", "full"):
+        c = check[k]
+        diff = f", max |diff| {c['max_abs_diff']:.3g}" if "max_abs_diff" in c else ""
+        parts.append(f"{k} {c['agree'] * c['observations']:.0f}/{c['observations']}{diff}")
+    return ", ".join(parts)
+
+
+def _action_spec(space: Any) -> dict[str, Any]:
+    if hasattr(space, "n"):
         return {"type": "discrete", "n": int(space.n), "dtype": "int64", "shape": [1]}
     return {
         "type": "continuous",
@@ -180,38 +225,102 @@ def _action_spec(algo: str, space: Any) -> dict[str, Any]:
     }
 
 
-def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[str, Any]:
-    """Build a policy bundle in `out` from an SB3 model.zip (result.json beside it is recorded)."""
-    model, algo = load_model(model_zip)
-    policy = model.policy.eval()
-    encoder = _split_encoder(algo, policy, model_zip)
-    weights = encoder.weights()
+def _stage_dir(out: Path) -> Path:
+    """A fresh staging directory beside `out`; refuses an `out` that holds something else."""
+    if out.exists() and (
+        not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
+    ):
+        raise SplitedgeError(
+            f"--out {out} exists and is not a bundle directory; name a new or empty directory"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _publish(stage: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)  # an earlier bundle at this path (checked in _stage_dir)
+    stage.rename(out)
+
+
+def export_policy(
+    model_zip: Path,
+    out: Path,
+    name: str,
+    version: str,
+    *,
+    env: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    frames: Path | None = None,
+    features: str = "auto",
+    algo: str | None = None,
+    report: list[str] | None = None,
+    check: Callable[[Path], str] | None = None,
+) -> dict[str, Any]:
+    """Build a proven policy bundle in `out` from an SB3 model.zip; nothing is written on refusal."""
+    if features not in FEATURE_DTYPES:
+        raise SplitedgeError(f"--features {features!r}: choose one of {', '.join(FEATURE_DTYPES)}")
+    say = report.append if report is not None else (lambda _line: None)
+    model, algo = load_model(model_zip, algo)
+    actor = read_actor(model, algo)
     result_path = model_zip.parent / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    task = result.get("config", {}).get("task", "cartpole-pixels" if algo == "ppo" else None)
-    if task is None:  # es2 calibration needs the task's frames
+    task = result.get("config", {}).get("task")
+    data: Observations = gather(model, env or task, env_kwargs, frames)
+    split_err = check_split(actor, data.calibration)
+    if split_err > 1e-4:
         raise SplitedgeError(
-            f"no result.json with config.task beside {model_zip}; export a run directory "
-            "written by `splitedge train`"
+            f"{actor.extractor_name}.forward is not its conv stack followed by its other layers "
+            f"(max |diff| {split_err:.3g}); export cannot cut it exactly"
         )
-    enc_ir = with_es2_scales(encoder.ir, weights, task)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "encoder_ir.json").write_text(enc_ir.to_json() + "\n")
-    (out / "encoder_weights.npz").write_bytes(ir.save_weights(weights))
+    want = predict(model, data.check)
+    discrete = hasattr(model.action_space, "n")
+    weights = actor.encoder.weights()
+    tries = ["uint8", "float32"] if features == "auto" else [features]
+    stage = _stage_dir(out)
+    try:
+        for dtype in tries:
+            enc_ir = _encoder_ir(actor, dtype, data.calibration)
+            _write_onnx(actor, enc_ir, stage)
+            agreement = prove(stage, enc_ir, weights, data.check, want, discrete)
+            if _passes(agreement):
+                break
+            say(f"features {dtype}: {_describe(agreement)} agree with predict")
+        else:
+            raise SplitedgeError(
+                f"the bundle does not act like {model_zip.name}'s predict on {len(want)} "
+                f"observations ({_describe(agreement)}); nothing written"
+            )
+        if dtype != tries[0]:
+            say(f"uint8 features change the model's actions, so features cross as {dtype}")
+        (stage / "encoder_ir.json").write_text(enc_ir.to_json() + "\n")
+        (stage / "encoder_weights.npz").write_bytes(ir.save_weights(weights))
+        if check is not None:  # a device profile's limits: refuse before anything is published
+            say(check(stage))
+        manifest = _manifest(actor, enc_ir, weights, name, version, result, task, data, agreement)
+        manifest = write_manifest(stage, manifest)
+        _publish(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    return manifest
 
-    obs_shape = tuple(int(d) for d in model.observation_space.shape)
-    enc_graph = EncoderGraph(encoder)
-    head_graph = HeadGraph(algo, policy, enc_ir.output_scale)
-    example_obs = torch.zeros((1, *obs_shape), dtype=torch.uint8)
-    example_feat = torch.zeros((1, enc_ir.feature_count), dtype=torch.uint8)
-    _export(enc_graph, example_obs, out / "encoder.onnx", "observation", "features")
-    _export(head_graph, example_feat, out / "head.onnx", "features", "action")
-    _export(
-        FullGraph(enc_graph, head_graph), example_obs, out / "full.onnx", "observation", "action"
-    )
 
-    space = model.action_space
-    manifest = {
+def _manifest(
+    actor: Actor,
+    enc_ir: ir.EncoderIR,
+    weights: dict[str, np.ndarray],
+    name: str,
+    version: str,
+    result: dict[str, Any],
+    task: str | None,
+    data: Observations,
+    check: dict[str, Any],
+) -> dict[str, Any]:
+    shape = [enc_ir.channels, enc_ir.height, enc_ir.width]
+    item = 1 if enc_ir.output_dtype == "uint8" else 4
+    split_b, raw_b = enc_ir.feature_count * item, int(np.prod(shape))
+    return {
         "kind": "policy",
         "name": name,
         "version": version,
@@ -223,8 +332,10 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
         },
         "policy": {
             "task": task,
-            "algorithm": algo,
-            "observation": {"shape": list(obs_shape), "dtype": "uint8", "layout": "CHW"},
+            "env": data.env,
+            "algorithm": actor.algo,
+            "features_extractor": actor.extractor_name,
+            "observation": {"shape": shape, "dtype": "uint8", "layout": "CHW"},
             "encoder": {
                 "ir": "encoder_ir.json",
                 "weights": "encoder_weights.npz",
@@ -232,14 +343,21 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
                 "digest": ir.digest(enc_ir, weights),
                 "output": {
                     "shape": [enc_ir.feature_count],
-                    "dtype": "uint8",
+                    "dtype": enc_ir.output_dtype,
                     "scale": enc_ir.output_scale,
                     "zero_point": enc_ir.output_zero_point,
                 },
             },
             "head": {"onnx": "head.onnx"},
             "full": {"onnx": "full.onnx"},
-            "action": _action_spec(algo, space),
+            "action": _action_spec(actor.model.action_space),
+            "wire": {
+                "split_bytes": split_b,
+                "raw_bytes": raw_b,
+                "raw_over_split": round(raw_b / split_b, 2),
+            },
+            "calibration": {"source": data.source, "observations": len(data.calibration)},
+            "agreement": check,
             "training": {
                 k: result.get(k)
                 for k in (
@@ -253,11 +371,9 @@ def export_policy(model_zip: Path, out: Path, name: str, version: str) -> dict[s
             },
         },
     }
-    return write_manifest(out, manifest)
 
 
 def sb3_actions(model_zip: Path, observations: np.ndarray) -> np.ndarray:
     """SB3's deterministic actions for a batch of uint8 observations (reference for tests)."""
     model, _ = load_model(model_zip)
-    actions, _ = model.predict(observations, deterministic=True)
-    return np.asarray(actions)
+    return predict(model, observations)

@@ -182,20 +182,24 @@ def test_continuous_client_falls_back_inside_the_action_bounds(
     assert a.dtype == np.float32 and a.tolist() == [2.0]
 
 
-def test_export_of_a_naturecnn_model_says_it_has_no_device_form(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_naturecnn_model_exports_with_its_env_and_acts_like_predict(tmp_path: Path) -> None:
     from models.train import TrainConfig, build_model
     from splitedge.cli import main
 
-    # untrained is enough: export refuses on the encoder's type; no result.json beside it,
-    # so the algorithm comes from the saved policy class
+    # untrained is enough: the bundle must reproduce whatever the model does. No result.json
+    # beside it, so the algorithm comes from the saved policy and the env from --env.
     cfg = TrainConfig(
         task="pendulum-pixels", algo="sac", encoder="naturecnn", hyper={"buffer_size": 100}
     )
     build_model(cfg).save(tmp_path / "model.zip")
     argv = ["export", "--model", str(tmp_path / "model.zip"), "--out", str(tmp_path / "b")]
-    assert main(argv) != 0
-    err = capsys.readouterr().err
-    assert "NatureCNN" in err and "--encoder miniconv" in err and "Traceback" not in err
-    assert not (tmp_path / "b").exists()
+    assert main([*argv, "--env", "pendulum-pixels"]) == 0
+    policy = load_bundle(tmp_path / "b").manifest["policy"]
+    assert policy["task"] is None and policy["env"] == {"id": "pendulum-pixels", "kwargs": {}}
+    assert policy["agreement"]["ort"]["agree"] == 1.0
+    obs = _observations("pendulum-pixels", 64, seed=5)
+    ref = sb3_actions(tmp_path / "model.zip", obs)
+    enc = ort.InferenceSession(str(tmp_path / "b" / "encoder.onnx"))
+    head = ort.InferenceSession(str(tmp_path / "b" / "head.onnx"))
+    split = head.run(None, {"features": enc.run(None, {"observation": obs})[0]})[0]
+    np.testing.assert_allclose(split, ref, rtol=0, atol=1e-4)

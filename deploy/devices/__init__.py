@@ -81,3 +81,23 @@ def load_profile(name: str) -> DeviceProfile:
         return DeviceProfile(**raw)
     except (TypeError, ValueError) as e:
         raise SplitedgeError(f"{path}: {e}") from e
+
+
+def check_encoder(profile: DeviceProfile, bundle_dir: Path) -> str:
+    """Plan a bundle's encoder for the board's GL target under its limits, without a GL context.
+
+    Returns a one-line summary (passes per frame); raises PlanError naming the layer, the
+    limit and the number when the encoder cannot run there.
+    """
+    from edge.encoder.calibrate import from_ir
+    from edge.encoder.plan import build_plan
+    from splitedge.ir import EncoderIR, load_weights
+
+    enc_ir = EncoderIR.from_json((bundle_dir / "encoder_ir.json").read_text())
+    weights = load_weights(bundle_dir / "encoder_weights.npz")
+    plan = build_plan(enc_ir, weights, profile.limits(), from_ir(enc_ir), profile.gl_target)
+    most = max(p.samples for p in plan.passes)
+    return (
+        f"fits {profile.name} ({profile.gl_target}): {len(plan.passes)} passes, "
+        f"at most {most} samples per pass"
+    )
