@@ -203,9 +203,16 @@ class GLEncoder:
 
     # -- running -------------------------------------------------------------------------
     def encode(self, observations: np.ndarray) -> np.ndarray:
-        """uint8 (B, C, H, W) -> uint8 (B, F), quantised exactly as encoder.onnx."""
+        """uint8 (B, C, H, W) -> features (B, F) in the bundle's dtype, as encoder.onnx: uint8
+        on the output grid, or float32 (on 8-bit targets: the last stage's stored grid values)."""
         out = self._run_all(observations)
-        if self.plan.buffers[self.plan.output].storage == "u8":
+        stored = self.plan.buffers[self.plan.output].storage == "u8"
+        if self.ir.output_dtype == "float32":
+            if not stored:
+                return out.astype(np.float32)
+            zp, scale = self.ir.output_zero_point, self.ir.output_scale
+            return ((out.astype(np.float32) - zp) * np.float32(scale)).astype(np.float32)
+        if stored:
             return out  # the last pass already wrote the output grid
         return quantise_output(self.ir, out)
 
