@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from models.observations import Observations, gather
-from models.sb3_policy import Actor, check_split, load_model, predict, read_actor
+from models.sb3_policy import Actor, Argmax, check_split, load_model, predict, read_actor
 from splitedge import __version__, ir
 from splitedge.bundle import MANIFEST, write_manifest
 from splitedge.errors import SplitedgeError
@@ -166,6 +166,31 @@ def _compare(
     }
 
 
+def uint8_margin(actor: Actor, enc_ir: ir.EncoderIR, obs: np.ndarray) -> tuple[bool, str]:
+    """Whether uint8 features keep every action with room to spare, and the numbers.
+
+    Passing the 200-observation check is not enough for a model not trained on the grid: an
+    observation never checked may sit nearer a decision boundary. uint8 is chosen only when
+    the largest change it makes to any logit is under a quarter of the smallest top-2 logit
+    margin (or, for continuous actions, half the 1e-4 tolerance).
+    """
+    if actor.trained_quantised:
+        return True, "trained on the uint8 grid"
+    discrete = isinstance(actor.head[-1], Argmax)
+    body = actor.head[:-1] if discrete else actor.head
+    with torch.no_grad():
+        f = actor.encoder.net(torch.as_tensor(obs).float() * actor.input_scale).flatten(1)
+        q = torch.clamp(torch.round(f / enc_ir.output_scale) + enc_ir.output_zero_point, 0, 255)
+        fq = (q - enc_ir.output_zero_point) * enc_ir.output_scale
+        exact, grid = body(actor.post(f)), body(actor.post(fq))
+    shift = float((exact - grid).abs().max())
+    if not discrete:
+        return 2 * shift <= CONTINUOUS_TOL, f"moves actions by up to {shift:.3g}"
+    top2 = exact.topk(2, dim=1).values
+    gap = float((top2[:, 0] - top2[:, 1]).min())
+    return 4 * shift < gap, f"moves logits by up to {shift:.3g}; the smallest margin is {gap:.3g}"
+
+
 def es2_tolerance(action_space: Any) -> float:
     """8-bit activations cannot hold 1e-4: es2 agrees within one 256th of the action range."""
     if hasattr(action_space, "n"):
@@ -295,6 +320,11 @@ def export_policy(
     try:
         for dtype in tries:
             enc_ir = _encoder_ir(actor, dtype, data.calibration)
+            if features == "auto" and dtype == "uint8":
+                safe, detail = uint8_margin(actor, enc_ir, data.check)
+                if not safe:
+                    say(f"features uint8: {detail}")
+                    continue
             _write_onnx(actor, enc_ir, stage)
             agreement = prove(stage, enc_ir, weights, data.check, want, model.action_space)
             if _passes(agreement):
@@ -306,7 +336,7 @@ def export_policy(
                 f"observations ({_describe(agreement)}); nothing written"
             )
         if dtype != tries[0]:
-            say(f"uint8 features change the model's actions, so features cross as {dtype}")
+            say(f"uint8 features could change the model's actions, so features cross as {dtype}")
         (stage / "encoder_ir.json").write_text(enc_ir.to_json() + "\n")
         (stage / "encoder_weights.npz").write_bytes(ir.save_weights(weights))
         if check is not None:  # a device profile's limits: refuse before anything is published

@@ -140,7 +140,9 @@ class _Clip(_Unscale):
         return torch.maximum(torch.minimum(x, self.high), self.low)
 
 
-class _Argmax(nn.Module):
+class Argmax(nn.Module):
+    """logits -> the action index, as predict(deterministic=True) for a Discrete space."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.argmax(x, dim=1)
 
@@ -162,7 +164,7 @@ def _actor_parts(algo: str, policy: Any) -> tuple[nn.Module, list[nn.Module]]:
         )
         tail: list[nn.Module] = [policy.mlp_extractor.policy_net, policy.action_net]
         if isinstance(space, spaces.Discrete):
-            return extractor, [*tail, _Argmax()]
+            return extractor, [*tail, Argmax()]
         if policy.squash_output:
             return extractor, [*tail, nn.Tanh(), _Unscale(space)]
         return extractor, [*tail, _Clip(space)]

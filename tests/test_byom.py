@@ -1,0 +1,193 @@
+"""Bring your own model: a user's env (examples/byom, not one of our tasks) and SB3 models built
+with SB3's own policy classes go through `splitedge export`, `bundle verify`, a real server
+and the edge client on every encoder backend, and act like the model's predict.
+
+The models are built, not trained: export must reproduce whatever a model does. An untrained
+discrete policy's logits sit within ~1e-2 of each other (SB3 initialises the action net with
+gain 0.01), so any 8-bit path would flip near-ties that a trained policy does not have;
+scaling the action net by 100 stands in for training there.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+from splitedge.bundle import load_bundle
+from tests.conftest import ROOT
+
+USER_DIR = ROOT / "examples" / "byom"  # the user's project: dot_env.py lives there
+ENV = "dot_env:DotTrack"
+N_OBS = 200
+
+
+class UserCNN(BaseFeaturesExtractor):
+    """A user's extractor: strided 1x1 conv, odd channel counts, pools with stride != size and
+    padding, then a Linear that stays on the server."""
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 32):
+        super().__init__(observation_space, features_dim)
+        c = observation_space.shape[0]
+        self.cnn = nn.Sequential(
+            nn.Conv2d(c, 6, kernel_size=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(6, 5, kernel_size=3),
+            nn.ReLU(),
+            nn.AvgPool2d(kernel_size=3, stride=2),
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            n = self.cnn(torch.zeros(1, *observation_space.shape)).shape[1]
+        self.linear = nn.Sequential(nn.Linear(n, features_dim), nn.ReLU())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(observations))
+
+
+@pytest.fixture(scope="module")
+def user_env() -> Iterator[Any]:
+    """The user's env module importable, as from their project folder."""
+    sys.path.insert(0, str(USER_DIR))
+    import dot_env
+
+    yield dot_env
+    sys.path.remove(str(USER_DIR))
+
+
+def _decisive(model: Any) -> Any:
+    with torch.no_grad():
+        model.policy.action_net.weight.mul_(100.0)
+    return model
+
+
+def build(kind: str, dot_env: Any) -> Any:
+    """An SB3 model of one kind on the user's env."""
+    from stable_baselines3 import PPO, SAC
+
+    from models.encoders import MiniConvExtractor
+
+    env = dot_env.DotTrack()
+    if kind == "sac-cnnpolicy":
+        return SAC("CnnPolicy", dot_env.DotTrack(continuous=True), buffer_size=100, seed=0)
+    kwargs: dict[str, Any] = {
+        "ppo-miniconv": {"features_extractor_class": MiniConvExtractor},
+        "ppo-cnnpolicy": {},
+        "ppo-user-sequential": {"features_extractor_class": UserCNN},
+        "ppo-unnormalised": {"normalize_images": False},
+    }[kind]
+    return _decisive(PPO("CnnPolicy", env, policy_kwargs=kwargs, n_steps=64, seed=0))
+
+
+KINDS = ["ppo-miniconv", "ppo-cnnpolicy", "sac-cnnpolicy", "ppo-user-sequential", "ppo-unnormalised"]
+
+
+@pytest.fixture(scope="module")
+def exported(user_env: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Path]]:
+    """Each kind saved as a model.zip and exported by the CLI with --env (kwargs for SAC)."""
+    from splitedge.cli import main
+
+    out = {}
+    for kind in KINDS:
+        model = build(kind, user_env)
+        run = tmp_path_factory.mktemp(kind)
+        model.save(run / "model.zip")
+        argv = ["export", "--model", str(run / "model.zip"), "--out", str(run / "bundle")]
+        argv += ["--env", ENV, "--name", kind]
+        if kind.startswith("sac"):
+            argv += ["--env-kwargs", '{"continuous": true}']
+        assert main(argv) == 0, kind
+        out[kind] = (model, run / "bundle")
+    return out
+
+
+def observations(dot_env: Any, continuous: bool, n: int = N_OBS, seed: int = 21) -> np.ndarray:
+    """n observations of the user's env under random actions (not the export's own sets)."""
+    env = dot_env.DotTrack(continuous=continuous)
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    out = []
+    for _ in range(n):
+        out.append(obs)
+        obs, _, term, trunc, _ = env.step(env.action_space.sample())
+        if term or trunc:
+            obs, _ = env.reset()
+    return np.stack(out)
+
+
+def _agreement(got: np.ndarray, want: np.ndarray, discrete: bool, tol: float) -> float:
+    got, want = got.reshape(len(want), -1), want.reshape(len(want), -1)
+    if discrete:
+        return float(np.mean(np.all(got == want, axis=1)))
+    return float(np.mean(np.abs(got - want).max(axis=1) <= tol))
+
+
+def _act_all(bundle: Path, backend: str, obs: np.ndarray, port: int) -> np.ndarray:
+    from edge.client import ClientConfig, PolicyClient
+
+    cfg = ClientConfig(server=f"127.0.0.1:{port}", backend=backend, deadline_s=30.0)
+    with PolicyClient(load_bundle(bundle), cfg).connect() as client:
+        actions = []
+        for frame in obs:
+            actions.append(np.asarray(client.act(frame)))
+            assert not client.last.fallback, client.last.error
+    return np.stack(actions)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_user_model_is_exported_verified_served_and_acts_like_predict(
+    exported: dict[str, tuple[Any, Path]], user_env: Any, kind: str
+) -> None:
+    from splitedge.cli import main
+    from tests.test_server import start, stop
+    from tests.test_shader_gl import need_gl
+
+    model, bundle = exported[kind]
+    assert main(["bundle", "verify", str(bundle)]) == 0
+    policy = load_bundle(bundle).manifest["policy"]
+    assert policy["task"] is None and policy["env"]["id"] == ENV
+    discrete = policy["action"]["type"] == "discrete"
+    obs = observations(user_env, continuous=not discrete)
+    want = np.asarray(model.predict(obs, deterministic=True)[0])
+    es2_tol = 0.0 if discrete else 2.0 / 256  # one 256th of the [-1, 1] action range
+    served = start(bundle)
+    try:
+        for backend in ("ort", "gl33", "es31", "es2"):
+            if backend != "ort":
+                need_gl(backend)
+            got = _act_all(bundle, backend, obs, served.port)
+            agree = _agreement(got, want, discrete, es2_tol if backend == "es2" else 1e-4)
+            assert agree >= (0.98 if backend == "es2" else 1.0), (kind, backend, agree)
+    finally:
+        stop(served)
+
+
+def test_bytes_per_decision_are_the_features_not_the_frame(
+    exported: dict[str, tuple[Any, Path]],
+) -> None:
+    for kind, (model, bundle) in exported.items():
+        policy = load_bundle(bundle).manifest["policy"]
+        out = policy["encoder"]["output"]
+        item = 1 if out["dtype"] == "uint8" else 4
+        assert policy["wire"]["split_bytes"] == out["shape"][0] * item, kind
+        assert policy["wire"]["raw_bytes"] == int(np.prod(model.observation_space.shape)), kind
+        # NatureCNN on 2x40x56: 64 channels x 1 x 3 after 8/4, 4/2, 3/1
+        if kind == "ppo-cnnpolicy":
+            assert out["shape"] == [64 * 1 * 3]
+
+
+def test_unnormalised_model_keeps_its_input_scale(exported: dict[str, tuple[Any, Path]]) -> None:
+    import json
+
+    for kind, scale in (("ppo-unnormalised", 1.0), ("ppo-cnnpolicy", 1 / 255)):
+        doc = json.loads((exported[kind][1] / "encoder_ir.json").read_text())
+        assert doc["input"]["scale"] == pytest.approx(scale, rel=1e-12), kind
