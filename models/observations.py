@@ -33,9 +33,24 @@ class Observations:
 
 def rollout(model: Any, name: str, kwargs: dict[str, Any], count: int, seed: int) -> np.ndarray:
     """`count` observations (C, H, W) from the model acting in env `name`."""
+    shape = tuple(int(d) for d in model.observation_space.shape)
+    import torch
+
+    # per-step predict on one small frame: extra threads only contend (2.7 ms vs 81 ms a step
+    # measured on 2 busy cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _rollout(model, name, kwargs, count, seed, shape)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rollout(
+    model: Any, name: str, kwargs: dict[str, Any], count: int, seed: int, shape: tuple[int, ...]
+) -> np.ndarray:
     from edge.envs import make_env
 
-    shape = tuple(int(d) for d in model.observation_space.shape)
     env = make_env(name, expect_shape=shape, **kwargs)
     if env.action_space != model.action_space:
         raise SplitedgeError(
