@@ -139,9 +139,9 @@ class MiniConv(nn.Module):
             elif layer.op == "relu":
                 mods.append(nn.ReLU())
             elif layer.op == "maxpool":
-                mods.append(nn.MaxPool2d(layer.kernel))
-            elif layer.op == "avgpool":
-                mods.append(nn.AvgPool2d(layer.kernel))
+                mods.append(nn.MaxPool2d(layer.kernel, layer.stride, layer.padding))
+            elif layer.op == "avgpool":  # count_include_pad=True, as the IR defines
+                mods.append(nn.AvgPool2d(layer.kernel, layer.stride, layer.padding))
             elif layer.op == "flatten":
                 mods.append(nn.Flatten())
             if i in storage_after:

@@ -7,9 +7,12 @@ JSON form::
     {"input": {"channels": 3, "height": 48, "width": 48, "scale": 0.00392156862745098},
      "layers": [{"op": "conv", "name": "c0", "in_channels": 3, "out_channels": 8,
                  "kernel": 5, "stride": 2, "padding": 0},
-                {"op": "relu"}, {"op": "maxpool", "kernel": 2}, {"op": "flatten"}],
+                {"op": "relu"}, {"op": "maxpool", "kernel": 3, "stride": 2, "padding": 1},
+                {"op": "flatten"}],
      "output": {"dtype": "uint8", "scale": 0.0235, "zero_point": 0}}
 
+Ranges (every backend runs all of them exactly): conv kernel 1..8, stride 1..4, padding 0..3;
+maxpool/avgpool kernel 1..8, stride 1..8 (absent: = kernel), padding 0..kernel // 2.
 Weights live beside it in an .npz: ``<name>.weight`` (O, I, k, k) and ``<name>.bias`` (O,).
 The input is uint8, multiplied by ``input.scale`` (1/255, what SB3 does) before layer 0.
 The output is quantised: q = clip(round(x / scale) + zero_point, 0, 255).
@@ -20,39 +23,118 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 OPS = ("conv", "relu", "maxpool", "avgpool", "flatten")
+POOLS = ("maxpool", "avgpool")
+# What every backend (numpy reference, GL shaders, torch, ONNX) runs exactly.
+CONV_KERNEL, CONV_STRIDE, CONV_PADDING = (1, 8), (1, 4), (0, 3)
+POOL_KERNEL, POOL_STRIDE = (1, 8), (1, 8)  # pool padding: 0..kernel // 2, torch's rule
 
 
-@dataclass(frozen=True)
+def _check_int(
+    what: str, attr: str, value: Any, lo: int, hi: int | None = None, why: str = ""
+) -> None:
+    """ValueError naming the attribute and its value unless lo <= value <= hi (an int)."""
+    span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what}: {attr} {value!r} is not an integer ({span})")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{what}: {attr} {value} outside {span}{why}")
+
+
+@dataclass(frozen=True, init=False)
 class Layer:
-    """One IR layer; fields unused by an op keep their defaults."""
+    """One IR layer; fields unused by an op keep their defaults.
+
+    conv: ``kernel`` x ``kernel``, ``stride``, zero ``padding`` (torch.nn.Conv2d).
+    maxpool / avgpool: ``kernel``, ``stride`` (default: ``kernel``, as torch), ``padding``
+    (maxpool pads with -inf; avgpool counts padded zeros in the divisor, torch's
+    count_include_pad=True); floor mode. A pool layer written without ``stride`` (every
+    bundle from before strided pools) means stride = kernel.
+    """
 
     op: str
-    name: str = ""
-    in_channels: int = 0
-    out_channels: int = 0
-    kernel: int = 1
-    stride: int = 1
-    padding: int = 0
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        op: str,
+        name: str = "",
+        in_channels: int = 0,
+        out_channels: int = 0,
+        kernel: int = 1,
+        stride: int | None = None,
+        padding: int = 0,
+    ) -> None:
+        if stride is None:
+            stride = kernel if op in POOLS else 1
+        for attr, value in (
+            ("op", op),
+            ("name", name),
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("kernel", kernel),
+            ("stride", stride),
+            ("padding", padding),
+        ):
+            object.__setattr__(self, attr, value)
+        self._validate()
+
+    def _validate(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"unknown IR op {self.op!r}; supported: {', '.join(OPS)}")
         if self.op == "conv":
             if not self.name:
                 raise ValueError("conv layer needs a name (its weights are <name>.weight/.bias)")
-            if not (1 <= self.kernel <= 5 and 1 <= self.stride <= 3 and 0 <= self.padding <= 2):
-                raise ValueError(
-                    f"conv {self.name}: kernel {self.kernel}, stride {self.stride}, padding "
-                    f"{self.padding} outside kernel 1..5, stride 1..3, padding 0..2"
-                )
-        if self.op in ("maxpool", "avgpool") and not 1 <= self.kernel <= 4:
-            raise ValueError(f"{self.op}: kernel {self.kernel} outside 1..4")
+            what = f"conv {self.name}"
+            _check_int(what, "in_channels", self.in_channels, 1)
+            _check_int(what, "out_channels", self.out_channels, 1)
+            _check_int(what, "kernel", self.kernel, *CONV_KERNEL)
+            _check_int(what, "stride", self.stride, *CONV_STRIDE)
+            _check_int(what, "padding", self.padding, *CONV_PADDING)
+        elif self.op in POOLS:
+            _check_int(self.op, "kernel", self.kernel, *POOL_KERNEL)
+            _check_int(self.op, "stride", self.stride, *POOL_STRIDE)
+            _check_int(
+                self.op, "padding", self.padding, 0, self.kernel // 2, " (at most kernel // 2)"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Layer:
+        """A layer from its JSON form; unknown attributes are refused, not ignored."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"{d.get('op', '?')}: unknown attribute {unknown[0]!r} = {d[unknown[0]]!r}"
+            )
+        if "op" not in d:
+            raise ValueError(f"IR layer without an op: {d!r}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: op plus every field that differs from its default (pool stride: kernel)."""
+        defaults = {
+            "name": "",
+            "in_channels": 0,
+            "out_channels": 0,
+            "kernel": 1,
+            "stride": self.kernel if self.op in POOLS else 1,
+            "padding": 0,
+        }
+        return {k: v for k, v in asdict(self).items() if k == "op" or v != defaults[k]}
+
+    def output_size(self, size: int) -> int:
+        """Output height (or width) of a conv or pool for an input of `size` (floor mode)."""
+        return (size + 2 * self.padding - self.kernel) // self.stride + 1
 
 
 @dataclass(frozen=True)
@@ -79,11 +161,9 @@ class EncoderIR:
                     raise ValueError(
                         f"layer {i} ({layer.name}): in_channels {layer.in_channels} but input has {c}"
                     )
-                h = (h + 2 * layer.padding - layer.kernel) // layer.stride + 1
-                w = (w + 2 * layer.padding - layer.kernel) // layer.stride + 1
                 c = layer.out_channels
-            elif layer.op in ("maxpool", "avgpool"):
-                h, w = h // layer.kernel, w // layer.kernel
+            if layer.op == "conv" or layer.op in POOLS:
+                h, w = layer.output_size(h), layer.output_size(w)
             if h < 1 or w < 1:
                 raise ValueError(f"layer {i} ({layer.op}) shrinks the image to {h}x{w}")
             out.append((c, h, w))
@@ -99,12 +179,7 @@ class EncoderIR:
         return c * h * w
 
     def to_json(self) -> str:
-        layers = []
-        for layer in self.layers:
-            d = {
-                k: v for k, v in asdict(layer).items() if v != getattr(Layer, k, None) or k == "op"
-            }
-            layers.append(d)
+        layers = [layer.to_dict() for layer in self.layers]
         doc = {
             "input": {
                 "channels": self.channels,
@@ -133,7 +208,7 @@ class EncoderIR:
             height=int(inp["height"]),
             width=int(inp["width"]),
             input_scale=float(inp.get("scale", 1.0 / 255.0)),
-            layers=tuple(Layer(**layer) for layer in doc["layers"]),
+            layers=tuple(Layer.from_dict(layer) for layer in doc["layers"]),
             output_scale=float(outp.get("scale", 1.0)),
             output_zero_point=int(outp.get("zero_point", 0)),
             output_dtype=str(outp.get("dtype", "uint8")),

@@ -109,6 +109,38 @@ def test_profiles_fit_the_shipped_encoder() -> None:
         assert all(p.samples <= (prof.max_samples_per_pass or 10**9) for p in plan.passes)
 
 
+def test_nature_cnn_plans_per_profile() -> None:
+    """NatureCNN (4, 84, 84): conv2 has 8 input groups x 4x4 = 128 taps, conv3 16 x 3x3 = 144."""
+    from models.encoders import build_ir
+    from tests.test_encoder_reference import NATURE_CNN
+
+    ir = build_ir(NATURE_CNN, 4, 84, 84)
+    weights = zeros(ir)
+    scales = calibrate(ir, weights, np.zeros((1, 4, 84, 84), np.uint8))
+    taps = {"conv0": 64, "conv1": 128, "conv2": 144}
+    plan = build_plan(ir, weights, Limits(), scales, target="es2")  # no profile: one pass per group
+    assert len(plan.passes) == 8 + 16 + 16
+    assert {p.label: len(p.taps) for p in plan.passes} == taps
+    pi4 = build_plan(ir, weights, load_profile("pi-4b").limits(), target="es31")
+    for label, total in taps.items():  # each group's taps split into chunks of <= 64 samples
+        chunks = [p for p in pi4.passes if p.label == label and p.group == 0]
+        assert sum(len(p.taps) for p in chunks) == total
+        assert all(p.samples <= 64 for p in chunks)
+    with pytest.raises(PlanError, match="layer conv1 needs 128 texture samples in one pass"):
+        build_plan(ir, weights, load_profile("pi-zero-2w").limits(), scales, target="es2")
+
+
+def test_pool_passes_carry_stride_and_padding() -> None:
+    ir = conv_ir(3, 6, 3, h=20, w=20, tail=(Layer("avgpool", kernel=5, stride=3, padding=2),))
+    plan = build_plan(ir, zeros(ir), Limits())
+    pools = [p for p in plan.passes if p.op == "avgpool"]
+    assert [(p.group, p.kernel, p.stride, p.padding, p.samples) for p in pools] == [
+        (0, 5, 3, 2, 25),
+        (1, 5, 3, 2, 25),
+    ]
+    assert plan.buffers[plan.output].height == (18 + 4 - 5) // 3 + 1  # torch's floor rule
+
+
 def test_8bit_storage_needs_scales() -> None:
     ir = conv_ir(3, 4, 3, tail=(Layer("maxpool", kernel=2),))
     with pytest.raises(PlanError, match="no 8-bit activation scale"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from edge.encoder import reference as ref
 from edge.encoder.calibrate import calibrate, from_ir, to_extra
-from models.encoders import FakeQuantAffine, MiniConv
+from models.encoders import FakeQuantAffine, MiniConv, build_ir
 from splitedge.ir import EncoderIR, Layer
 
 CHANNELS = (1, 2, 3, 5, 6, 7, 9)  # mostly not multiples of 4: the GL packing must pad
@@ -18,24 +20,28 @@ CHANNELS = (1, 2, 3, 5, 6, 7, 9)  # mostly not multiples of 4: the GL packing mu
 def random_case(
     rng: np.random.Generator, stages: int = 1
 ) -> tuple[EncoderIR, dict[str, np.ndarray]]:
-    """A random valid IR (conv k 1..5, stride 1..3, padding 0..2, optional ReLU and pool) and weights."""
+    """A random valid IR over the IR's whole range and weights: conv kernel 1..8, stride 1..4,
+    padding 0..3; optional ReLU; optional max/avg pool, kernel 1..8, its own stride 1..8
+    (often = kernel, torch's default) and padding 0..kernel // 2; mostly odd channel counts."""
     while True:
         c = int(rng.choice(CHANNELS))
-        h, w = int(rng.integers(12, 21)), int(rng.integers(12, 21))
+        h, w = int(rng.integers(12, 29)), int(rng.integers(12, 29))
         layers, weights = [], {}
         for n in range(stages):
-            k, s, p = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.integers(0, 3))
+            k, s, p = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 4))
             out = int(rng.choice(CHANNELS))
             layers.append(Layer("conv", f"c{n}", c, out, k, s, p))
-            weights[f"c{n}.weight"] = rng.normal(0, 0.4, (out, c, k, k)).astype(np.float32)
+            std = 1.0 / np.sqrt(c * k * k)  # keeps activations O(1) however wide the conv
+            weights[f"c{n}.weight"] = rng.normal(0, std, (out, c, k, k)).astype(np.float32)
             weights[f"c{n}.bias"] = rng.normal(0, 0.2, out).astype(np.float32)
             c = out
             if rng.random() < 0.7:
                 layers.append(Layer("relu"))
             if rng.random() < 0.6:
-                layers.append(
-                    Layer(str(rng.choice(["maxpool", "avgpool"])), kernel=int(rng.integers(1, 4)))
-                )
+                pk = int(rng.integers(1, 9))
+                ps = pk if rng.random() < 0.4 else int(rng.integers(1, 9))
+                pp = int(rng.integers(0, pk // 2 + 1))
+                layers.append(Layer(str(rng.choice(["maxpool", "avgpool"])), "", 0, 0, pk, ps, pp))
         layers.append(Layer("flatten"))
         ir = EncoderIR(
             layers[0].in_channels, h, w, tuple(layers), output_scale=float(rng.uniform(0.005, 0.05))
@@ -45,6 +51,48 @@ def random_case(
         except ValueError:  # shrank below 1x1: draw again
             continue
         return ir, weights
+
+
+# Fixed encoders beside the random ones: SB3's NatureCNN on an Atari-style stack, and
+# channels that are not multiples of 4 (3 -> 6 -> 5) through strided, padded pools.
+NATURE_CNN = [  # SB3's NatureCNN conv stack (its Linear runs on the server, in the head)
+    {"op": "conv", "out_channels": 32, "kernel": 8, "stride": 4},
+    {"op": "relu"},
+    {"op": "conv", "out_channels": 64, "kernel": 4, "stride": 2},
+    {"op": "relu"},
+    {"op": "conv", "out_channels": 64, "kernel": 3, "stride": 1},
+    {"op": "relu"},
+    {"op": "flatten"},
+]
+ODD_CHANNELS = [
+    {"op": "conv", "out_channels": 6, "kernel": 5, "stride": 2, "padding": 2},
+    {"op": "relu"},
+    {"op": "maxpool", "kernel": 3, "stride": 2, "padding": 1},
+    {"op": "conv", "out_channels": 5, "kernel": 3, "padding": 1},
+    {"op": "relu"},
+    {"op": "avgpool", "kernel": 2, "stride": 1, "padding": 1},
+    {"op": "flatten"},
+]
+FIXED_CASES = {"naturecnn": (NATURE_CNN, (4, 84, 84)), "odd-channels": (ODD_CHANNELS, (3, 29, 31))}
+
+
+def fixed_case(name: str, seed: int = 0) -> tuple[EncoderIR, dict[str, np.ndarray]]:
+    """One of FIXED_CASES with random weights scaled by fan-in (activations stay O(1))."""
+    arch, shape = FIXED_CASES[name]
+    ir = build_ir(arch, *shape)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for layer in ir.layers:
+        if layer.op == "conv":
+            k, c = layer.kernel, layer.in_channels
+            shape4 = (layer.out_channels, c, k, k)
+            weights[f"{layer.name}.weight"] = rng.normal(0, 1 / np.sqrt(c * k * k), shape4).astype(
+                np.float32
+            )
+            weights[f"{layer.name}.bias"] = rng.normal(0, 0.1, layer.out_channels).astype(
+                np.float32
+            )
+    return ir, weights
 
 
 def torch_features(
@@ -66,9 +114,9 @@ def torch_stage(
         w, b = (torch.from_numpy(weights[f"{layer.name}.{k}"]) for k in ("weight", "bias"))
         t = F.conv2d(t, w, b, layer.stride, layer.padding)
     elif layer.op == "maxpool":
-        t = F.max_pool2d(t, layer.kernel)
+        t = F.max_pool2d(t, layer.kernel, layer.stride, layer.padding)
     else:
-        t = F.avg_pool2d(t, layer.kernel)
+        t = F.avg_pool2d(t, layer.kernel, layer.stride, layer.padding, count_include_pad=True)
     return (F.relu(t) if relu else t).numpy()
 
 
@@ -85,6 +133,63 @@ def test_reference_matches_torch_on_60_random_configs() -> None:
         got = ref.forward(ir, w, obs)
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-4, f"config {i}: {ir.to_json()}"
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_CASES))
+def test_reference_matches_torch_on_fixed_encoders(name: str) -> None:
+    ir, w = fixed_case(name)
+    obs = frames(np.random.default_rng(5), ir, 2)
+    want = torch_features(ir, w, obs)
+    assert np.abs(ref.forward(ir, w, obs) - want).max() <= 1e-4
+
+
+class _EncoderOnnx(torch.nn.Module):
+    """What encoder.onnx computes before quantisation: SB3's /255, MiniConv's net, flatten."""
+
+    def __init__(self, model: MiniConv):
+        super().__init__()
+        self.net, self.scale = model.net, model.ir.input_scale
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.to(torch.float32) * self.scale).flatten(1)  # (B, F)
+
+
+@pytest.mark.parametrize("name", [*sorted(FIXED_CASES), "random"])
+def test_widened_miniconv_exports_to_onnx_and_onnxruntime_matches_torch(name, tmp_path) -> None:
+    """The ops of a widened MiniConv (big strided kernels, padded strided pools, odd channels)
+    through torch.onnx.export as models.export runs it (TorchScript exporter, OPSET)."""
+    import onnxruntime as ort
+
+    from models.export import OPSET
+
+    if name == "random":
+        rng = np.random.default_rng(6)
+        ir, w = random_case(rng, stages=2)
+        while not any(x.op.endswith("pool") and x.padding for x in ir.layers):
+            ir, w = random_case(rng, stages=2)
+    else:
+        ir, w = fixed_case(name)
+    graph = _EncoderOnnx(MiniConv.from_weights(ir, w)).eval()
+    obs = frames(np.random.default_rng(7), ir, 3)
+    path = tmp_path / "encoder.onnx"
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            (torch.from_numpy(obs[:1]),),
+            str(path),
+            input_names=["obs"],
+            output_names=["features"],
+            dynamic_axes={"obs": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"obs": obs}
+    )
+    want = torch_features(ir, w, obs)
+    assert got[0].shape == want.shape == (3, ir.feature_count)
+    assert np.abs(got[0] - want).max() <= 1e-4
 
 
 def test_encode_quantises_like_encoder_onnx() -> None:

@@ -7,7 +7,7 @@ only on the pass's shape. Geometry (sizes, strides, offsets) is literal.
 
 from __future__ import annotations
 
-from edge.encoder.plan import Pass, Plan
+from edge.encoder.plan import Buffer, Pass, Plan
 
 
 def _f(v: float) -> str:
@@ -73,16 +73,13 @@ class Renderer:
             f"  vec2 base = o * {_f(p.stride)} - {_f(p.padding)};",
             f"  float row0 = item * {_f(src.height)};",
         ]
-        body += self._accumulate(p, src.width)
+        if p.op == "conv":
+            body += self._conv_loop(p, src.width)
+        else:
+            body += self._pool_loop(p, src)
         body += self._finish(p, dst.storage)
         body += [f"  {self.out_var} = acc;", "}"]
         return "\n".join([*head, *funcs, *body]) + "\n"
-
-    def _sample(self, p: Pass, n: int, src_width: int) -> str:
-        g, ky, kx = p.taps[n]
-        if p.padding:
-            return f"src_in(base + vec2({_f(kx)}, {_f(ky)}), {_f(g * src_width)}, row0)"
-        return f"src_at({_f(g * src_width)} + base.x + {_f(kx)}, row0 + base.y + {_f(ky)})"
 
     def _conv_loop(self, p: Pass, src_width: int) -> list[str]:
         # A loop, not unrolled text: llvmpipe's LLVM takes seconds on ~100 unrolled taps, and
@@ -114,22 +111,38 @@ class Renderer:
             "  }",
         ]
 
-    def _accumulate(self, p: Pass, src_width: int) -> list[str]:
-        n = len(p.taps)
-        if p.op == "conv":
-            return self._conv_loop(p, src_width)
+    def _pool_loop(self, p: Pass, src: Buffer) -> list[str]:
+        # Every pool window holds at least one image texel (padding <= kernel // 2, floor
+        # mode), and clamping a padded offset to the image edge lands on a texel of the same
+        # window: so a max over clamped samples is torch's max with -inf padding. An average
+        # counts padded texels as zeros in a k*k divisor (count_include_pad=True).
+        k, x0 = p.kernel, _f(p.group * src.width)
+        hi = f"vec2({_f(src.width - 1)}, {_f(src.height - 1)})"
+
+        def at(offset: str) -> str:
+            c = f"base + {offset}"
+            if p.padding and p.op == "maxpool":
+                c = f"clamp({c}, vec2(0.0), {hi})"
+            elif p.padding:
+                return f"src_in({c}, {x0}, row0)"
+            return f"src_at({x0} + ({c}).x, row0 + ({c}).y)"
+
+        sample = at("vec2(float(kx), float(ky))")
         if p.op == "maxpool":
-            return [
-                f"  vec4 acc = {self._sample(p, 0, src_width)};",
-                *(f"  acc = max(acc, {self._sample(p, i, src_width)});" for i in range(1, n)),
-            ]
-        if p.op == "avgpool":
-            return [
-                "  vec4 acc = vec4(0.0);",
-                *(f"  acc += {self._sample(p, i, src_width)};" for i in range(n)),
-                f"  acc = acc / {_f(n)};",
-            ]
-        raise ValueError(f"{self.target}: no shader for op {p.op!r} (layer {p.label})")
+            start, update, end = at("vec2(0.0)"), f"acc = max(acc, {sample});", []
+        elif p.op == "avgpool":
+            start, update, end = "vec4(0.0)", f"acc += {sample};", [f"  acc = acc / {_f(k * k)};"]
+        else:
+            raise ValueError(f"{self.target}: no shader for op {p.op!r} (layer {p.label})")
+        return [
+            f"  vec4 acc = {start};",
+            f"  for (int ky = 0; ky < {k}; ky++) {{",
+            f"    for (int kx = 0; kx < {k}; kx++) {{",
+            f"      {update}",
+            "    }",
+            "  }",
+            *end,
+        ]
 
     def _finish(self, p: Pass, storage: str) -> list[str]:
         if not p.finish:

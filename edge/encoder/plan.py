@@ -283,18 +283,19 @@ def _conv_passes(
 def _pool_passes(
     stage: Stage, src: int, dst: int, groups: int, limits: Limits, target: str
 ) -> list[Pass]:
-    k = stage.layer.kernel
+    layer = stage.layer
+    k = layer.kernel
     return [
         Pass(
-            stage.layer.op,
+            layer.op,
             stage.label,
             src,
             dst,
             g,
             tuple((g, ky, kx) for ky in range(k) for kx in range(k)),
             k,
-            k,
-            0,
+            layer.stride,
+            layer.padding,
             stage.relu,
         )
         for g in range(groups)

@@ -76,12 +76,15 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, padding: in
     return np.einsum("bchwij,ocij->bohw", win, w, optimize=True) + b[None, :, None, None]
 
 
-def pool2d(x: np.ndarray, kernel: int, kind: str) -> np.ndarray:
-    """Max or average pooling with kernel = stride, floor mode, no padding."""
-    bsz, c, h, w = x.shape
-    ho, wo = h // kernel, w // kernel
-    blocks = x[:, :, : ho * kernel, : wo * kernel].reshape(bsz, c, ho, kernel, wo, kernel)
-    return blocks.max(axis=(3, 5)) if kind == "maxpool" else blocks.mean(axis=(3, 5))
+def pool2d(x: np.ndarray, kernel: int, stride: int, padding: int, kind: str) -> np.ndarray:
+    """torch's MaxPool2d / AvgPool2d (count_include_pad=True, floor mode) on (B, C, H, W)."""
+    if padding:  # max ignores the border (-inf); the average counts it as zeros
+        fill = -np.inf if kind == "maxpool" else 0.0
+        pad = ((0, 0), (0, 0), (padding, padding), (padding, padding))
+        x = np.pad(x, pad, constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(2, 3))
+    win = win[:, :, ::stride, ::stride]  # (B, C, H', W', k, k)
+    return win.max(axis=(4, 5)) if kind == "maxpool" else win.mean(axis=(4, 5))
 
 
 def fake_quant(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
@@ -98,7 +101,7 @@ def run_stage(stage: Stage, x: np.ndarray, weights: dict[str, np.ndarray]) -> np
         b = weights[f"{layer.name}.bias"].astype(np.float64)
         x = conv2d(x, w, b, layer.stride, layer.padding)
     else:
-        x = pool2d(x, layer.kernel, layer.op)
+        x = pool2d(x, layer.kernel, layer.stride, layer.padding, layer.op)
     return np.maximum(x, 0.0) if stage.relu else x
 
 
