@@ -88,11 +88,19 @@ def build(kind: str, dot_env: Any) -> Any:
     return _decisive(PPO("CnnPolicy", env, policy_kwargs=kwargs, n_steps=64, seed=0))
 
 
-KINDS = ["ppo-miniconv", "ppo-cnnpolicy", "sac-cnnpolicy", "ppo-user-sequential", "ppo-unnormalised"]
+KINDS = [
+    "ppo-miniconv",
+    "ppo-cnnpolicy",
+    "sac-cnnpolicy",
+    "ppo-user-sequential",
+    "ppo-unnormalised",
+]
 
 
 @pytest.fixture(scope="module")
-def exported(user_env: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Path]]:
+def exported(
+    user_env: Any, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Any, Path]]:
     """Each kind saved as a model.zip and exported by the CLI with --env (kwargs for SAC)."""
     from splitedge.cli import main
 
@@ -191,3 +199,55 @@ def test_unnormalised_model_keeps_its_input_scale(exported: dict[str, tuple[Any,
     for kind, scale in (("ppo-unnormalised", 1.0), ("ppo-cnnpolicy", 1 / 255)):
         doc = json.loads((exported[kind][1] / "encoder_ir.json").read_text())
         assert doc["input"]["scale"] == pytest.approx(scale, rel=1e-12), kind
+
+
+class DilatedCNN(UserCNN):
+    """A user CNN the device cannot run exactly: its second conv is dilated."""
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 32):
+        super().__init__(observation_space, features_dim)
+        self.cnn[2] = nn.Conv2d(6, 5, kernel_size=3, dilation=2)
+        with torch.no_grad():
+            n = self.cnn(torch.zeros(1, *observation_space.shape)).shape[1]
+        self.linear = nn.Sequential(nn.Linear(n, features_dim), nn.ReLU())
+
+
+class BatchNormCNN(UserCNN):
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 32):
+        super().__init__(observation_space, features_dim)
+        self.cnn[1] = nn.BatchNorm2d(6)
+
+
+@pytest.mark.parametrize(
+    ("extractor", "argv", "message"),
+    [
+        (None, ["--env", "cartpole-pixels"], "gives observations of shape (3, 48, 48)"),
+        (None, [], "pass --env ID_OR_ENTRY_POINT"),
+        (None, ["--env", "no_such_module:Env"], "cannot import 'no_such_module'"),
+        (None, ["--env", ENV, "--env-kwargs", "{bad"], "--env-kwargs is not JSON"),
+        (DilatedCNN, ["--env", ENV], "DilatedCNN.cnn layer 2 (Conv2d): dilation=(2, 2)"),
+        (BatchNormCNN, ["--env", ENV], "BatchNormCNN.cnn layer 1 (BatchNorm2d) has no device"),
+    ],
+)
+def test_export_refuses_in_one_line_and_writes_nothing(
+    user_env: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extractor: type | None,
+    argv: list[str],
+    message: str,
+) -> None:
+    from stable_baselines3 import PPO
+
+    from splitedge.cli import main
+
+    kwargs = {} if extractor is None else {"features_extractor_class": extractor}
+    PPO("CnnPolicy", user_env.DotTrack(), policy_kwargs=kwargs, n_steps=64).save(
+        tmp_path / "model.zip"
+    )
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(tmp_path / "model.zip"), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]
