@@ -41,11 +41,14 @@ def main() -> int:
 def _run(job: dict[str, Any]) -> int:
     from edge.agent import run_loop
     from edge.client import ClientConfig, PolicyClient
+    from edge.envs import make_policy_env
     from edge.telemetry import WindowedLatency
     from splitedge.bundle import load_bundle
 
+    bundle = load_bundle(job["bundle"])
+    env = make_policy_env(bundle.policy, job.get("env"), job.get("env_kwargs"))
     client = PolicyClient(
-        load_bundle(job["bundle"]),
+        bundle,
         ClientConfig(
             server=job["server"],
             mode=job["mode"],
@@ -58,7 +61,7 @@ def _run(job: dict[str, Any]) -> int:
     seed = int(job.get("seed", 0)) + 1000 * int(job.get("index", 0))
     with client.connect():
         if job.get("warmup"):
-            run_loop(client, job["warmup"], seed=seed + 999)
+            run_loop(client, job["warmup"], seed=seed + 999, env=env)
         _say(event="ready")
         if sys.stdin.readline().strip() != "go":
             return 0  # the parent gave up on this cell
@@ -79,12 +82,12 @@ def _run(job: dict[str, Any]) -> int:
             def window(rec: Any) -> None:
                 acc.add(time.perf_counter() - t0, rec.total_ms, rec.fallback)
 
-            run_loop(client, sys.maxsize, seed=seed, on_step=lambda i: _say(event="step"),
+            run_loop(client, sys.maxsize, seed=seed, env=env, on_step=lambda i: _say(event="step"),
                      on_record=window, keep_records=False, until=t0 + job["duration_s"])  # fmt: skip
             seconds = time.perf_counter() - t0
             extra["windows"] = acc.finish(seconds)
         else:
-            records = run_loop(client, job["steps"], seed=seed, on_step=step).records
+            records = run_loop(client, job["steps"], seed=seed, env=env, on_step=step).records
             seconds = time.perf_counter() - t0
             extra["t_s"] = stamps
         if sampler is not None:

@@ -57,6 +57,8 @@ class MeasureConfig:
     clients: list[int] = field(default_factory=lambda: [1])
     scale_links: list[str] | None = None  # links that get the clients > 1 cells (None: all)
     link_backend: str = "auto"  # auto, netem, tbf, proxy
+    env: str | None = None  # id or entry point; None: the bundle's recorded env or task
+    env_kwargs: dict[str, Any] | None = None  # None: the bundle's recorded kwargs
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -142,6 +144,7 @@ class Sweep:
     cells: list[Cell]
     backend: BackendChoice
     notes: list[str] = field(default_factory=list)
+    env: str = ""  # the env the edge clients ran
 
 
 def idle_cpu_rate(server: ServerProcess, windows: int = 4, seconds: float = 0.75) -> float:
@@ -173,6 +176,7 @@ def measure_cell(
         "bundle": str(cfg.bundle), "server": link.address, "mode": mode,
         "backend": cfg.backend, "rpc": cfg.rpc, "deadline_s": cfg.deadline_s,
         "warmup": cfg.warmup, "steps": steps, "seed": cfg.seed, "netns": link.netns,
+        "env": cfg.env, "env_kwargs": cfg.env_kwargs,
     }  # fmt: skip
     with ClientGroup(clients, job) as group:
         before, cpu0 = link.stats(), server.cpu_seconds()
@@ -215,6 +219,16 @@ def check_links(cfg: MeasureConfig) -> list[LinkProfile]:
     if refused:
         raise SplitedgeError("; ".join(refused) + "; drop it from --links")
     return profiles
+
+
+def check_env(bundle: Path, env: str | None, env_kwargs: dict[str, Any] | None) -> str:
+    """Make the env the edge clients will run once, here, so a wrong one (unimportable, wrong
+    observation shape) is one line before any process starts; returns its name."""
+    from edge.envs import make_policy_env, policy_env_spec
+
+    policy = load_bundle(bundle).policy
+    make_policy_env(policy, env, env_kwargs, seed=0).close()
+    return policy_env_spec(policy, env, env_kwargs)[0]
 
 
 def _split_message_bytes(bundle_path: Path) -> int:
@@ -277,8 +291,9 @@ def shaped_server(
 def measure(cfg: MeasureConfig, progress: bool = True) -> Sweep:
     """Run every (link, mode, clients) cell against one policy server process."""
     profiles = check_links(cfg)
+    env = check_env(cfg.bundle, cfg.env, cfg.env_kwargs)
     choice = choose_backend(cfg.link_backend)
-    sweep = Sweep([], choice)
+    sweep = Sweep([], choice, env=env)
     total = sum(
         n * steps_per_client(cfg.steps, n) * len(cfg.modes)
         for p in profiles
@@ -336,6 +351,7 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
         "link_backend": sweep.backend.name,
         "link_backend_reasons": sweep.backend.reasons,
         "notes": sweep.notes,
+        "env": sweep.env,
         "encoder": cells[0].encoder if cells else "",
         "profiles": {p: asdict(get_profile(p)) for p in cfg.links},
         "rows": [c.row() for c in cells],

@@ -18,7 +18,7 @@ import numpy as np
 from deploy.clients import ClientGroup, ClientResult
 from deploy.link.kernel import choose_backend, open_link
 from deploy.link.profiles import get_profile
-from deploy.measure import MeasureConfig, check_links, shaped_server
+from deploy.measure import MeasureConfig, check_env, check_links, shaped_server
 from edge.telemetry import WindowedLatency
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
@@ -40,6 +40,8 @@ class SoakConfig:
     windows: int = 6
     deadline_s: float = 10.0
     seed: int = 0
+    env: str | None = None  # id or entry point; None: the bundle's recorded env or task
+    env_kwargs: dict[str, Any] | None = None  # None: the bundle's recorded kwargs
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
@@ -53,6 +55,7 @@ class SoakConfig:
 def soak(cfg: SoakConfig, on_step: Any = None) -> dict[str, Any]:
     """Run the loop for cfg.minutes; returns windows, drift verdicts and the raw samples."""
     check_links(MeasureConfig(bundle=cfg.bundle, links=[cfg.link], modes=[cfg.mode]))
+    env = check_env(cfg.bundle, cfg.env, cfg.env_kwargs)
     choice = choose_backend(cfg.link_backend)
     profile = get_profile(cfg.link)
     notes: list[str] = []
@@ -60,6 +63,7 @@ def soak(cfg: SoakConfig, on_step: Any = None) -> dict[str, Any]:
         "bundle": str(cfg.bundle), "mode": cfg.mode, "backend": cfg.backend,
         "deadline_s": cfg.deadline_s, "warmup": 5, "seed": cfg.seed,
         "duration_s": cfg.minutes * 60, "sysmon_s": cfg.interval_s, "windows": cfg.windows,
+        "env": cfg.env, "env_kwargs": cfg.env_kwargs,
     }  # fmt: skip
     with shaped_server(load_bundle(cfg.bundle).root, choice, notes) as (server, pair):
         host, port = server.address.rsplit(":", 1)
@@ -76,6 +80,7 @@ def soak(cfg: SoakConfig, on_step: Any = None) -> dict[str, Any]:
         link_backend_reasons=choice.reasons,
         notes=notes,
         encoder=result.encoder,
+        env=env,
     )
     return doc
 

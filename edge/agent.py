@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.client import PolicyClient
-from edge.envs import make_env
+from edge.envs import make_policy_env
 from edge.telemetry import StepRecord
 
 
@@ -31,10 +31,10 @@ def run_loop(
     keep_records: bool = True,
     until: float | None = None,
 ) -> LoopResult:
-    """Run `steps` decisions against the bundle's task (or a given env); never raises on link
+    """Run `steps` decisions against the bundle's env (or a given one); never raises on link
     trouble. until: also stop at this time.perf_counter() value. keep_records=False keeps
     nothing per step (a long run's memory stays flat); on_record still sees every step."""
-    env = env if env is not None else make_env(client.bundle.policy["task"], seed=seed)
+    env = env if env is not None else make_policy_env(client.bundle.policy, seed=seed)
     obs, _ = env.reset(seed=seed)
     result, ep_return, episode = LoopResult(), 0.0, 0
     t0 = time.perf_counter()

@@ -117,7 +117,7 @@ def run_service(cfg: ServiceConfig) -> int:
     stop = _Stop()
     bundle = load_bundle(cfg.bundle)
     try:
-        source = open_source(cfg.source, bundle.policy["observation"], bundle.policy.get("task"))
+        source = open_source(cfg.source, bundle.policy)
         sink = open_sink(cfg.sink, cfg.run_dir)
     except ConfigError as e:
         print(f"splitedge service: {e}", file=sys.stderr)

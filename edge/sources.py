@@ -136,13 +136,23 @@ class CaptureSource:
 
 
 class EnvSource:
-    """A gymnasium pixel task, closed loop: each action steps the env (benchmarks, emulated devices)."""
+    """A gymnasium env, closed loop: each action steps the env (benchmarks, emulated devices).
 
-    def __init__(self, task: str, seed: int = 0):
-        from edge.envs import make_env
+    `env`: one of our tasks, a gymnasium id or a user's package.module:ClassName (installed
+    in the device's venv, e.g. by `splitedge flash --env-package`); None: the bundle's own.
+    """
 
-        self.name = f"env:{task}"
-        self.env = make_env(task, seed=seed)
+    def __init__(
+        self,
+        policy: dict[str, Any],
+        env: str | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        from edge.envs import make_policy_env, policy_env_spec
+
+        self.name = f"env:{policy_env_spec(policy, env, env_kwargs)[0]}"
+        self.env = make_policy_env(policy, env, env_kwargs, seed=seed)
         self.seed, self.episodes, self.episode_return = seed, 0, 0.0
         self.returns: list[float] = []
         self.obs, _ = self.env.reset(seed=seed)
@@ -163,17 +173,32 @@ class EnvSource:
         self.env.close()
 
 
-def open_source(cfg: dict[str, Any], observation: dict[str, Any], task: str | None) -> Source:
-    """A source from the service config's [source] table."""
+def open_source(cfg: dict[str, Any], policy: dict[str, Any]) -> Source:
+    """A source from the service config's [source] table, for a bundle's policy manifest.
+
+    Kind "env" takes `env` (id or entry point; `task` in releases flashed before it) and
+    `env_kwargs`; without them, the env the bundle records.
+    """
     kind = cfg.get("kind", "env")
-    shape = tuple(int(s) for s in observation["shape"])
+    shape = tuple(int(s) for s in policy["observation"]["shape"])
     if kind == "env":
-        name = cfg.get("task") or task
-        if not name:
+        kwargs = cfg.get("env_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
             raise ConfigError(
-                "source kind 'env' needs a task (the bundle names none); set source.task"
+                f"source.env_kwargs must be a table of keyword arguments, got {kwargs!r}"
             )
-        return EnvSource(name, seed=int(cfg.get("seed", 0)))
+        env = cfg.get("env") or cfg.get("task")
+        if not env and not ((policy.get("env") or {}).get("id") or policy.get("task")):
+            raise ConfigError(
+                "source kind 'env' needs an env (the bundle names none): flash with "
+                "--source env:ID_OR_ENTRY_POINT, or set source.env"
+            )
+        try:
+            return EnvSource(policy, env, kwargs, seed=int(cfg.get("seed", 0)))
+        except ConfigError:
+            raise
+        except SplitedgeError as e:  # unimportable, wrong shape: a restart will not fix it
+            raise ConfigError(f"source kind 'env': {e}") from e
     if kind == "camera":
         device = cfg.get("device", "/dev/video0")
         target = int(device) if isinstance(device, int) or str(device).isdigit() else str(device)

@@ -63,8 +63,7 @@ def test_video_source_reads_loops_and_a_missing_camera_is_one_clear_error(tmp_pa
     writer.release()
     src = open_source(
         {"kind": "video", "path": str(path), "channels": "gray"},
-        {**OBS, "shape": [1, 48, 48]},
-        None,
+        {"observation": {**OBS, "shape": [1, 48, 48]}},
     )
     seen = [float(src.read().mean()) for _ in range(5)]  # type: ignore[union-attr]
     src.close()
@@ -72,11 +71,11 @@ def test_video_source_reads_loops_and_a_missing_camera_is_one_clear_error(tmp_pa
         "uniform frames survive MJPG; the clip loops"
     )
     with pytest.raises(ConfigError, match="camera /dev/video77 not found"):
-        open_source({"kind": "camera", "device": "/dev/video77"}, OBS, None)
+        open_source({"kind": "camera", "device": "/dev/video77"}, {"observation": OBS})
     with pytest.raises(ConfigError, match="video file .* not found"):
-        open_source({"kind": "video", "path": str(tmp_path / "none.mp4")}, OBS, None)
+        open_source({"kind": "video", "path": str(tmp_path / "none.mp4")}, {"observation": OBS})
     with pytest.raises(ConfigError, match="source kind 'usb'"):
-        open_source({"kind": "usb"}, OBS, None)
+        open_source({"kind": "usb"}, {"observation": OBS})
 
 
 def test_socket_sink_sends_json_lines_and_drops_gone_readers(tmp_path: Path) -> None:

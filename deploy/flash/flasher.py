@@ -34,6 +34,7 @@ class FlashOptions:
     offline: bool = False
     public_key: Path | None = None
     source: str = "env"
+    env_kwargs: dict[str, Any] | None = None  # for an env source; None: the bundle's recorded
     sink: str = "socket"
     service: dict[str, Any] = field(
         default_factory=dict
@@ -89,7 +90,8 @@ def dry_run_plan(opts: FlashOptions) -> list[dict[str, str]]:
         {
             "step": "pre-flight",
             "command": shlex.join(t.ssh_argv([opts.device_python, "-", "facts"])) + "  < remote.py",
-            "checks": f"profile {opts.profile or '(none: generic checks)'}",
+            "checks": f"profile {opts.profile or '(none: generic checks)'}"
+            + (" and the encoder's fit to its GPU limits (here, first)" if opts.profile else ""),
         },
         {
             "step": "package",
@@ -148,12 +150,27 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
     bundle = load_bundle(opts.bundle, verify=True, public_key=opts.public_key)
     release = f"{bundle.name}-{bundle.version}"
     source, sink = parse_source(opts.source), parse_sink(opts.sink)
+    if opts.env_kwargs is not None:
+        if source["kind"] != "env":
+            raise SplitedgeError(f"--env-kwargs is for an env source, not --source {opts.source}")
+        source["env_kwargs"] = dict(opts.env_kwargs)
     steps.done("load", f"{release}: hashes ok" + (", signature ok" if opts.public_key else ""))
 
+    llm = bundle.kind == "llm"  # no control loop: no server, no service, a greedy-decode probe
+    req = preflight.requirements(opts.profile) if opts.profile else None
+    # the encoder's fit is the bundle's and the profile's business: checked before any contact
+    encoder_row = None
+    if req and not llm:
+        try:
+            encoder_row = preflight.encoder_check(opts.profile, bundle.root)
+        except SplitedgeError as e:
+            raise SplitedgeError(
+                f"pre-flight failed on {t.target}, nothing was changed: {e}"
+            ) from e
     facts = t.op("facts", opts.root, timeout_s=60)
     root = facts["root"]
-    req = preflight.requirements(opts.profile) if opts.profile else None
     rows, problems = preflight.check(facts, req)
+    rows += [encoder_row] if encoder_row else []
     key_line = public_key_line(opts.public_key) if opts.public_key else None
     if (
         key_line
@@ -161,7 +178,6 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         and facts["trusted_key"].split()[:2] != key_line.split()[:2]
     ):
         problems.append(f"the device trusts a different signing key ({root}/etc/signing.pub)")
-    llm = bundle.kind == "llm"  # no control loop: no server, no service, a greedy-decode probe
     server = None if llm else opts.server or facts["current_server"]
     if not server and not llm:
         problems.append(

@@ -22,15 +22,17 @@ UNIT_TEMPLATE = Path(__file__).resolve().parents[1] / "systemd" / "splitedge.ser
 
 
 def parse_source(text: str) -> dict[str, Any]:
-    """--source env[:TASK] | camera[:DEVICE] | video:PATH -> the config's source table."""
+    """--source env[:ID_OR_ENTRY_POINT] | camera[:DEVICE] | video:PATH -> the config's source table."""
     kind, _, arg = text.partition(":")
     if kind == "env":
-        return {"kind": "env", **({"task": arg} if arg else {})}
+        return {"kind": "env", **({"env": arg} if arg else {})}
     if kind == "camera":
         return {"kind": "camera", "device": arg or "/dev/video0"}
     if kind == "video" and arg:
         return {"kind": "video", "path": arg, "loop": True}
-    raise SplitedgeError(f"--source {text!r}: use env[:TASK], camera[:/dev/videoN] or video:PATH")
+    raise SplitedgeError(
+        f"--source {text!r}: use env[:ID_OR_ENTRY_POINT], camera[:/dev/videoN] or video:PATH"
+    )
 
 
 def parse_sink(text: str) -> dict[str, Any]:
@@ -107,7 +109,7 @@ def stage_release(
     else:
         if not server:
             raise SplitedgeError("a policy bundle needs a policy server: pass --server HOST:PORT")
-        probe = write_probe(bundle, out / "probe.npz")
+        probe = write_probe(bundle, out / "probe.npz", source)
         (out / "service.json").write_text(
             json.dumps(service_config(root, server, source, sink, extra), indent=2)
         )

@@ -159,3 +159,21 @@ def check(
             gl_ok,
         )
     return rows, problems
+
+
+def encoder_check(profile: str, bundle_root: Path) -> dict[str, Any]:
+    """The report row for a policy bundle's encoder under the device profile's GPU limits
+    (deploy.devices.check_encoder: planned here, no GL context, no device contact).
+
+    Raises SplitedgeError naming the layer, the limit and the number when it cannot run there.
+    """
+    from deploy.devices import check_encoder, load_profile
+
+    try:
+        fits = check_encoder(load_profile(profile), bundle_root)
+    except SplitedgeError as e:
+        raise SplitedgeError(
+            f"the bundle's encoder cannot run on {profile}: {e}; export one that fits "
+            f"(splitedge export --profile {profile})"
+        ) from e
+    return {"check": "encoder limits", "device": fits, "needs": f"{profile} limits", "ok": "yes"}

@@ -20,27 +20,34 @@ from splitedge.bundle import Bundle
 TOLERANCE_LSB = 2  # feature steps; GL backends store activations in 8 bits between layers
 
 
-def probe_frame(bundle: Bundle, seed: int = 0) -> tuple[np.ndarray, str]:
-    """A deterministic observation: the task's first frame when the task is known, else seeded noise."""
+def probe_frame(
+    bundle: Bundle, seed: int = 0, source: dict[str, Any] | None = None
+) -> tuple[np.ndarray, str]:
+    """A deterministic observation: an early frame of the bundle's env (or the release's source
+    env) when it can be made here, else seeded noise (saying why)."""
+    from edge.envs import make_policy_env, policy_env_spec
+    from splitedge.errors import SplitedgeError
+
     policy = bundle.policy
     shape = tuple(policy["observation"]["shape"])
+    source = source or {}
     try:
-        from edge.envs import make_env, tasks
-
-        if policy.get("task") in tasks():
-            # a few steps in, the stacked frames differ (motion), a richer probe than the first frame
-            env = make_env(policy["task"], seed=seed)
+        name, _ = policy_env_spec(policy, source.get("env"), source.get("env_kwargs"))
+        env = make_policy_env(policy, source.get("env"), source.get("env_kwargs"), seed=seed)
+        try:
+            # a few steps in, stacked frames differ (motion): a richer probe than the first frame
             obs, _ = env.reset(seed=seed)
             for _ in range(3):
                 obs, *_ = env.step(env.action_space.sample())  # seeded by make_env
-            if obs.shape == shape:
-                return np.ascontiguousarray(
-                    obs, dtype=np.uint8
-                ), f"{policy['task']} seed {seed}, 3 seeded random steps"
-    except ImportError:
-        pass
+        finally:
+            env.close()
+        return np.ascontiguousarray(
+            obs, dtype=np.uint8
+        ), f"{name} seed {seed}, 3 seeded random steps"
+    except (ImportError, SplitedgeError) as e:
+        why = str(e).split(";")[0]
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=shape, dtype=np.uint8), f"uniform noise, seed {seed}"
+    return rng.integers(0, 256, size=shape, dtype=np.uint8), f"uniform noise, seed {seed} ({why})"
 
 
 def feature_step(bundle: Bundle, features: np.ndarray) -> float:
@@ -53,11 +60,13 @@ def feature_step(bundle: Bundle, features: np.ndarray) -> float:
     return scale if scale > 0 else max(float(np.abs(features).max()), 1e-6) / 255.0
 
 
-def write_probe(bundle: Bundle, out: Path) -> dict[str, Any]:
-    """Compute the expected features with encoder.onnx here and save frame + features to out (.npz)."""
+def write_probe(bundle: Bundle, out: Path, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compute the expected features with encoder.onnx here and save frame + features to out (.npz).
+
+    source: the release's [source] table; an env there is used for the probe frame."""
     from edge.encoder import make_encoder
 
-    frame, source = probe_frame(bundle)
+    frame, source_name = probe_frame(bundle, source=source)
     encoder, _ = make_encoder(bundle, "ort")
     try:
         features = encoder.encode(frame[None])[0]
@@ -72,7 +81,7 @@ def write_probe(bundle: Bundle, out: Path) -> dict[str, Any]:
         step=np.float64(step),
     )
     return {
-        "probe": source,
+        "probe": source_name,
         "features": int(features.size),
         "dtype": str(features.dtype),
         "step": step,

@@ -95,10 +95,11 @@ def fidelity_rows(
     reference: str,
     head: Any,
     observations: np.ndarray,
-    task: str,
+    env: Any,
     episodes: int,
 ) -> list[dict[str, Any]]:
-    """Per encoder: features and head actions identical to the reference encoder's; mean return."""
+    """Per encoder: features and head actions identical to the reference encoder's; mean return
+    over `episodes` closed-loop episodes of `env` (the bundle's env, made by the caller)."""
     ref_feat = encoders[reference](observations)
     ref_act = head_actions(head, ref_feat)
     rows = []
@@ -112,7 +113,7 @@ def fidelity_rows(
             "actions_identical_%": 100.0 * float(np.mean(head_actions(head, feat) == ref_act)),
         }
         if episodes > 0:
-            row["mean_return"] = float(np.mean(episode_returns(encode, head, task, episodes)))
+            row["mean_return"] = float(np.mean(episode_returns(encode, head, env, episodes)))
         rows.append(row)
     return rows
 
@@ -150,19 +151,19 @@ def head_actions(head: Any, features: np.ndarray) -> np.ndarray:
 
 
 def episode_returns(
-    encode: Encode, head: Any, task: str, episodes: int, seed: int = 0
+    encode: Encode, head: Any, env: Any, episodes: int, seed: int = 0
 ) -> list[float]:
-    """Closed-loop returns with this encoder in the loop (deterministic head)."""
-    from edge.envs import make_env
-
-    env = make_env(task, seed=seed)
+    """Closed-loop returns in `env` with this encoder in the loop (deterministic head)."""
+    discrete = hasattr(env.action_space, "n")
+    name = head.get_inputs()[0].name
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         done, total = False, 0.0
         while not done:
-            action = head_actions(head, encode(obs[None]))[0]
-            obs, reward, terminated, truncated, _ = env.step(int(action))
+            out = np.asarray(head.run(None, {name: encode(obs[None])})[0])[0]
+            action = int(out.reshape(-1)[0]) if discrete else out.reshape(env.action_space.shape)
+            obs, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
             done = terminated or truncated
         returns.append(total)

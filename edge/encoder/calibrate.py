@@ -50,13 +50,40 @@ def task_frames(task: str, count: int = 256, seed: int = 0) -> np.ndarray:
     """uint8 observations (count, C, H, W) from random-action episodes of a pixel task."""
     from edge.envs import make_env
 
-    env = make_env(task, seed=seed)
+    return env_frames(make_env(task, seed=seed), count, seed)
+
+
+def policy_frames(
+    policy: dict[str, Any],
+    count: int = 256,
+    seed: int = 0,
+    env: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Observations of a policy bundle's env (`env` when given, else the one it records)."""
+    from edge.envs import make_policy_env
+
+    source = make_policy_env(policy, env, env_kwargs, seed=seed)
+    try:
+        return env_frames(source, count, seed)
+    finally:
+        source.close()
+
+
+def env_frames(env: Any, count: int, seed: int = 0) -> np.ndarray:
+    """uint8 observations (count, C, H, W) from random-action episodes of `env` (any action space)."""
     rng = np.random.default_rng(seed)
+    space = env.action_space
+    space.seed(seed)
     frames: list[np.ndarray] = []
     obs, _ = env.reset(seed=seed)
     while len(frames) < count:
         frames.append(obs)
-        obs, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if hasattr(space, "n"):  # Discrete: the same draws as before Box spaces were supported
+            action: Any = int(getattr(space, "start", 0)) + int(rng.integers(space.n))
+        else:
+            action = space.sample()
+        obs, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             obs, _ = env.reset(seed=seed + len(frames))
     return np.stack(frames).astype(np.uint8)

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from edge.encoder import egl, register_backend
-from edge.encoder.calibrate import calibrate, from_ir, task_frames
+from edge.encoder.calibrate import calibrate, from_ir, policy_frames
 from edge.encoder.glsl import RENDERERS
 from edge.encoder.plan import Buffer, Limits, Pass, Plan, build_plan
 from edge.encoder.reference import ActQuant, quantise_output
+from edge.envs import bundle_env
 from splitedge.errors import SplitedgeError
 from splitedge.ir import EncoderIR, check_weights, load_weights
 
@@ -336,10 +337,10 @@ def from_bundle(
         act_quant = from_ir(ir)
         note = ", scales from the bundle"
     if act_quant is None and not egl.context(target).limits().merge(limits).float_storage:
-        task = bundle.policy.get("task", "unknown")
-        act_quant = calibrate(ir, weights, task_frames(task, CALIBRATION_FRAMES))
+        source = bundle_env(bundle.policy)[0]
+        act_quant = calibrate(ir, weights, policy_frames(bundle.policy, CALIBRATION_FRAMES))
         note = (
-            f", scales calibrated on {CALIBRATION_FRAMES} {task} frames (the bundle records none)"
+            f", scales calibrated on {CALIBRATION_FRAMES} {source} frames (the bundle records none)"
         )
     encoder = GLEncoder(ir, weights, target, limits, act_quant)
     if encoder.plan.buffers[encoder.plan.output].storage == "u8":

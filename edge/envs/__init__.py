@@ -78,6 +78,37 @@ def bundle_env(policy: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return str(name), dict(env.get("kwargs") or {})
 
 
+def policy_env_spec(
+    policy: dict[str, Any], env: str | None = None, env_kwargs: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(env, kwargs) a policy bundle acts in: `env` when given, else its recorded env or task.
+
+    `env_kwargs` replace the recorded kwargs when given; a different `env` starts from none.
+    """
+    if env:
+        recorded = (policy.get("env") or {}).get("id")
+        kwargs = dict((policy.get("env") or {}).get("kwargs") or {}) if env == recorded else {}
+        name = env
+    else:
+        name, kwargs = bundle_env(policy)
+    return name, dict(env_kwargs) if env_kwargs is not None else kwargs
+
+
+def make_policy_env(
+    policy: dict[str, Any],
+    env: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> Any:
+    """The env for a policy bundle (policy_env_spec), its observations checked against the
+    bundle's (C, H, W) shape; refuses a wrong env in one line."""
+    name, kwargs = policy_env_spec(policy, env, env_kwargs)
+    try:
+        return make_env(name, seed=seed, expect_shape=policy["observation"]["shape"], **kwargs)
+    except TypeError as e:  # the constructor does not take these kwargs
+        raise SplitedgeError(f"env {name!r} with kwargs {kwargs}: {e}") from e
+
+
 def _entry_point(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     try:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from splitedge.commands._env_options import add_env_options, env_kwargs
 from splitedge.errors import SplitedgeError
 from splitedge.output import emit, table
 
@@ -30,8 +31,9 @@ def _register_encoder(bsub: argparse._SubParsersAction) -> None:
         help="ms per frame and frames/s of every encoder backend and torch",
         description="Time each encoder backend and torch on the CPU side by side in one run "
         "(interleaved rounds, median), at each batch size; the GL path's fixed per-frame cost "
-        "on a 1-layer net; and, on real task frames, how often each backend gives torch's "
-        "features and the head's action. --episodes adds closed-loop returns.",
+        "on a 1-layer net; and, on observations of the bundle's env (--env, else the one it "
+        "records), how often each backend gives torch's features and the head's action. "
+        "--episodes adds closed-loop returns.",
     )
     e.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     e.add_argument(
@@ -59,7 +61,7 @@ def _register_encoder(bsub: argparse._SubParsersAction) -> None:
         "--agreement",
         type=int,
         default=200,
-        help="task observations for the feature/action agreement check (default: %(default)s)",
+        help="env observations for the feature/action agreement check (default: %(default)s)",
     )
     e.add_argument(
         "--episodes",
@@ -67,6 +69,7 @@ def _register_encoder(bsub: argparse._SubParsersAction) -> None:
         default=0,
         help="closed-loop episodes per backend for mean return (default: %(default)s)",
     )
+    add_env_options(e)
     e.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )
@@ -119,20 +122,23 @@ def _torch_encoder(bundle: Any) -> tuple[Callable[[Any], Any], str]:
 
 def run_encoder(args: argparse.Namespace) -> int:
     from edge.encoder import bench
-    from edge.encoder.calibrate import task_frames
+    from edge.encoder.calibrate import env_frames
     from edge.encoder.ort import cpu_session
+    from edge.envs import make_policy_env, policy_env_spec
     from splitedge.bundle import load_bundle
 
     batches = _ints(args.batch, "--batch")
     bundle = load_bundle(args.bundle)
-    policy, task = bundle.policy, bundle.policy.get("task", "unknown")
+    policy, kwargs = bundle.policy, env_kwargs(args.env_kwargs)
+    env_name = policy_env_spec(policy, args.env, kwargs)[0]
+    env = make_policy_env(policy, args.env, kwargs, seed=0)  # a wrong env: refused before timing
     limits = None
     if args.profile:
         from deploy.devices import load_profile
 
         limits = load_profile(args.profile).limits()
     encoders, reasons, closers = _start_backends(bundle, args.backends, limits)
-    frames = task_frames(task, max(64, 4 * max(batches)), seed=0)
+    frames = env_frames(env, max(64, 4 * max(batches)), seed=0)
     try:
         speed = bench.speed_rows(encoders, frames, batches, args.seconds)
         targets = [n for n in encoders if n in GL_TARGETS]
@@ -141,13 +147,15 @@ def run_encoder(args: argparse.Namespace) -> int:
         if args.agreement > 0:
             head = cpu_session(bundle.file(policy["head"]["onnx"]))
             reference = "torch" if "torch" in encoders else next(iter(encoders))
-            obs = task_frames(task, args.agreement, seed=1)
-            fidelity = bench.fidelity_rows(encoders, reference, head, obs, task, args.episodes)
+            obs = env_frames(env, args.agreement, seed=1)
+            fidelity = bench.fidelity_rows(encoders, reference, head, obs, env, args.episodes)
     finally:
+        env.close()
         for enc in closers:
             enc.close()
     result: dict[str, Any] = {
         "bundle": f"{bundle.name} {bundle.version}",
+        "env": env_name,
         "profile": args.profile,
         "backends": reasons,
         "speed": speed,
@@ -199,7 +207,12 @@ def _text(result: dict[str, Any], agreement: int) -> str:
             )
         )
     if result["fidelity"]:
-        parts.append(table(result["fidelity"], title=f"fidelity on {agreement} task observations"))
+        parts.append(
+            table(
+                result["fidelity"],
+                title=f"fidelity on {agreement} observations of {result['env']}",
+            )
+        )
     if "ort_vs_torch_fps_batch1" in result:
         parts.append(f"ort / torch frames/s at batch 1: {result['ort_vs_torch_fps_batch1']:.2f}x")
     return "\n\n".join(parts)

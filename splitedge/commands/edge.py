@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from splitedge.commands._env_options import add_env_options, env_kwargs
+from splitedge.errors import SplitedgeError
 from splitedge.output import emit, table
 
 
@@ -40,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = esub.add_parser(
         "run",
         help="closed loop: env -> encoder -> server -> action",
-        description="Run the bundle's task closed-loop: encode each observation on "
-        "this device, ask the policy server for the action, step the env. Prints "
-        "latency percentiles, bytes per step, fallbacks and peak RSS.",
+        description="Run the bundle's env closed-loop (--env, else the env or task it "
+        "records): encode each observation on this device, ask the policy server for the "
+        "action, step the env. Prints latency percentiles, bytes per step, fallbacks and "
+        "peak RSS.",
     )
     r.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     r.add_argument("--server", required=True, help="policy server HOST:PORT")
@@ -58,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--seed", type=int, default=0, help="seed for the env's episodes (default: %(default)s)"
     )
+    add_env_options(r)
+    r.add_argument(
+        "--profile",
+        default=None,
+        help="device profile (deploy/devices) whose GPU limits the encoder must fit; refuses "
+        "before connecting if it does not (default: no check)",
+    )
     add_client_options(r)
     r.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
@@ -65,16 +75,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run)
 
 
+def check_profile(name: str, bundle_root: Path) -> str:
+    """One line on how the bundle's encoder fits a device profile; refuses one that does not."""
+    try:
+        from deploy.devices import check_encoder, load_profile
+    except ImportError as e:
+        raise SplitedgeError(
+            f"--profile needs the device profiles in deploy/devices ({e}); run the check "
+            "from a splitedge checkout, or drop --profile"
+        ) from e
+    profile = load_profile(name)
+    try:
+        return check_encoder(profile, bundle_root)
+    except SplitedgeError as e:
+        raise SplitedgeError(
+            f"the bundle's encoder cannot run on {name}: {e}; export an encoder that fits "
+            f"(splitedge export --profile {name}) or pick the device's real profile"
+        ) from e
+
+
 def run(args: argparse.Namespace) -> int:
     from edge.agent import run_loop
     from edge.client import ClientConfig, PolicyClient, Unauthenticated
+    from edge.envs import make_policy_env, policy_env_spec
     from edge.telemetry import peak_rss_mb, summarise
     from splitedge.bundle import load_bundle
-    from splitedge.errors import SplitedgeError
 
     if args.steps < 1:
         raise SplitedgeError(f"--steps must be >= 1, got {args.steps}")
     bundle = load_bundle(args.bundle)
+    fits = check_profile(args.profile, bundle.root) if args.profile else None
+    kwargs = env_kwargs(args.env_kwargs)
+    env = make_policy_env(bundle.policy, args.env, kwargs, seed=args.seed)
     cfg = ClientConfig(
         server=args.server,
         mode=args.mode,
@@ -93,12 +125,16 @@ def run(args: argparse.Namespace) -> int:
             f"cannot reach the policy server: {e}. Is `splitedge serve` running there?"
         ) from e
     with client:
-        result = run_loop(client, args.steps, seed=args.seed)
+        try:
+            result = run_loop(client, args.steps, seed=args.seed, env=env)
+        finally:
+            env.close()
     summary = summarise(result.records)
     out = {
         "bundle": f"{bundle.name} {bundle.version}",
         "server": args.server,
         "mode": args.mode,
+        "env": policy_env_spec(bundle.policy, args.env, kwargs)[0],
         "encoder_backend": client.encoder_reason or "none (raw mode)",
         **summary,
         "episodes": len(result.episode_returns),
@@ -108,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "reconnects": client.reconnects,
         "decisions_per_s": args.steps / result.seconds,
         "peak_rss_mb": peak_rss_mb(),
+        **({"profile": fits} if fits else {}),
     }
     rows = [{"metric": k, "value": v} for k, v in out.items()]
     emit(out, args.json, table(rows, title=f"edge run: {args.steps} decisions"))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from splitedge.commands._env_options import env_kwargs
 from splitedge.output import emit, table
 
 
@@ -82,7 +83,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--source",
         default="env",
-        help="frames: env[:TASK], camera[:/dev/videoN], video:PATH (default: %(default)s)",
+        help="frames: env[:ID_OR_ENTRY_POINT] (a gymnasium id, one of our tasks or "
+        "package.module:ClassName; bare env: the env the bundle records), camera[:/dev/videoN], "
+        "video:PATH (default: %(default)s)",
+    )
+    p.add_argument(
+        "--env-kwargs",
+        default=None,
+        metavar="JSON",
+        help="keyword arguments for an env source, as a JSON object (default: the ones the "
+        "bundle records for its env)",
     )
     p.add_argument(
         "--sink",
@@ -127,6 +137,7 @@ def _options(args: argparse.Namespace, host: str, overrides: dict[str, Any] | No
         offline=args.offline,
         public_key=args.public_key,
         source=args.source,
+        env_kwargs=env_kwargs(args.env_kwargs),
         sink=args.sink,
         service={"rate_hz": args.rate_hz, "backend": args.backend},
         ssh_config=args.ssh_config,

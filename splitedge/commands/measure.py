@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from splitedge.commands._env_options import add_env_options, env_kwargs
 from splitedge.commands.edge import add_client_options
 from splitedge.errors import SplitedgeError
 from splitedge.output import emit
@@ -77,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )
+    add_env_options(p)
     add_client_options(p)
     # Measuring slow links: a raw frame over GPRS takes ~3 s, so the loop's 2 s default is too short.
     p.set_defaults(func=run, deadline_ms=30_000.0)
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         clients=clients,
         scale_links=_split(args.scale_links) if args.scale_links else None,
         link_backend=args.link_backend,
+        env=args.env,
+        env_kwargs=env_kwargs(args.env_kwargs),
     )
     checks = self_check_all() if args.self_check else []
     sweep = measure(cfg, progress=not args.no_progress)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from splitedge.commands._env_options import add_env_options, env_kwargs
 from splitedge.output import emit, table
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo" / "cartpole-ppo"
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how the link is shaped (default: %(default)s)",
     )
     p.add_argument("--backend", default="auto", help="encoder backend (default: %(default)s)")
+    add_env_options(p)
     p.add_argument(
         "--interval", type=float, default=0.5, help="seconds between samples (default: 0.5)"
     )
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         interval_s=args.interval,
         windows=args.windows,
+        env=args.env,
+        env_kwargs=env_kwargs(args.env_kwargs),
     )
     bar = _bar(not args.no_progress)
     try:
