@@ -216,11 +216,13 @@ def _split_extractor(
 def read_actor(model: Any, algo: str) -> Actor:
     """Split the model's deterministic actor into device encoder, post and head."""
     policy = model.policy.eval()
-    shape = tuple(int(d) for d in model.observation_space.shape)
-    if len(shape) != 3:
+    space = model.observation_space
+    shape = tuple(int(d) for d in (getattr(space, "shape", None) or ()))
+    if type(space).__name__ != "Box" or len(shape) != 3:
         raise SplitedgeError(
-            f"observation shape {shape} is not a (C, H, W) image; export needs an image policy "
-            "(CnnPolicy; MultiInputPolicy / Dict observations are not supported)"
+            f"observations are {type(space).__name__} {shape or ''}, not a (C, H, W) image; export "
+            "needs an image policy (CnnPolicy; MultiInputPolicy / Dict observations are not "
+            "supported)"
         )
     extractor, tail = _actor_parts(algo, policy)
     scale = _image_scale(policy)

@@ -251,3 +251,68 @@ def test_export_refuses_in_one_line_and_writes_nothing(
     assert message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]
+
+
+def _algo_model(kind: str, dot_env: Any) -> Any:
+    """Models built with SB3's own policy classes, beyond the served five above."""
+    import stable_baselines3 as sb3
+
+    box = dot_env.DotTrack(continuous=True)
+    if kind == "a2c":
+        return _decisive(sb3.A2C("CnnPolicy", dot_env.DotTrack(), seed=0))
+    if kind == "ppo-box":
+        return sb3.PPO("CnnPolicy", box, n_steps=64, seed=0)
+    if kind == "ppo-separate-extractors":
+        kwargs = {"share_features_extractor": False, "features_extractor_class": UserCNN}
+        return _decisive(sb3.PPO("CnnPolicy", dot_env.DotTrack(), policy_kwargs=kwargs, seed=0))
+    cls = {"td3": sb3.TD3, "ddpg": sb3.DDPG}[kind]
+    return cls("CnnPolicy", box, buffer_size=100, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["a2c", "ppo-box", "ppo-separate-extractors", "td3", "ddpg"])
+def test_every_algorithm_and_action_space_exports_exactly(
+    user_env: Any, tmp_path: Path, kind: str
+) -> None:
+    import onnxruntime as ort
+
+    from models.export import export_policy
+
+    model = _algo_model(kind, user_env)
+    model.save(tmp_path / "model.zip")
+    continuous = kind in ("ppo-box", "td3", "ddpg")
+    kwargs = {"continuous": True} if continuous else {}
+    manifest = export_policy(
+        tmp_path / "model.zip", tmp_path / "b", kind, "0.1.0", env=ENV, env_kwargs=kwargs
+    )
+    want_algo = {"ppo-box": "ppo", "ppo-separate-extractors": "ppo"}.get(kind, kind)
+    assert manifest["policy"]["algorithm"] == want_algo
+    obs = observations(user_env, continuous)
+    want = np.asarray(model.predict(obs, deterministic=True)[0])
+    enc = ort.InferenceSession(str(tmp_path / "b" / "encoder.onnx"))
+    head = ort.InferenceSession(str(tmp_path / "b" / "head.onnx"))
+    got = head.run(None, {"features": enc.run(None, {"observation": obs})[0]})[0]
+    if continuous:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    else:
+        assert np.array_equal(got, want)
+
+
+def test_multi_input_policy_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stable_baselines3 import PPO
+
+    from splitedge.cli import main
+
+    class DictEnv(gym.Env):
+        observation_space = gym.spaces.Dict(
+            {"img": gym.spaces.Box(0, 255, (1, 36, 36), np.uint8), "v": gym.spaces.Box(-1, 1, (2,))}
+        )
+        action_space = gym.spaces.Discrete(2)
+
+    PPO("MultiInputPolicy", DictEnv(), n_steps=64).save(tmp_path / "model.zip")
+    argv = ["export", "--model", str(tmp_path / "model.zip"), "--out", str(tmp_path / "b")]
+    assert main([*argv, "--env", ENV]) == 2
+    err = capsys.readouterr().err
+    assert "MultiInputPolicy" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b").exists()
