@@ -59,6 +59,10 @@ class ServiceConfig:
     sink: dict[str, Any] = field(default_factory=lambda: {"kind": "socket"})
     state_dir: Path = Path("state")
     run_dir: Path = Path("run")
+    # the user's env packages (flash --env-package): wheel path -> sha256, installed by the
+    # flasher into packages/ beside this file, which goes on sys.path
+    env_wheels: dict[str, str] = field(default_factory=dict)
+    packages: Path | None = field(default=None, init=False)
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
@@ -75,7 +79,7 @@ class ServiceConfig:
                 raw = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise SplitedgeError(f"cannot read service config {path}: {e}") from e
-        known = set(cls.__dataclass_fields__)
+        known = {name for name, f in cls.__dataclass_fields__.items() if f.init}
         unknown = sorted(set(raw) - known)
         if unknown or "bundle" not in raw or "server" not in raw:
             raise SplitedgeError(
@@ -84,10 +88,25 @@ class ServiceConfig:
         cfg = cls(**raw)
         base = path.parent
         cfg.bundle = base / cfg.bundle
+        cfg.packages = base / "packages" if cfg.env_wheels else None
         # under systemd (DynamicUser, read-only system) only its RuntimeDirectory is writable
         cfg.state_dir = Path(os.environ.get("RUNTIME_DIRECTORY") or base / cfg.state_dir)
         cfg.run_dir = Path(os.environ.get("RUNTIME_DIRECTORY") or base / cfg.run_dir)
         return cfg
+
+    def use_packages(self) -> None:
+        """Put the release's env packages on sys.path, before any source is opened."""
+        from splitedge.errors import SplitedgeError
+
+        if self.packages is None:
+            return
+        if not self.packages.is_dir():
+            raise SplitedgeError(
+                f"{self.packages} is missing: the release's env packages were never installed; "
+                "flash it again"
+            )
+        if str(self.packages) not in sys.path:
+            sys.path.insert(0, str(self.packages))
 
 
 class _Stop:
@@ -111,15 +130,17 @@ def run_service(cfg: ServiceConfig) -> int:
     """The service loop; returns the process exit status."""
     from edge.client import ClientConfig, PolicyClient
     from edge.sinks import open_sink
-    from edge.sources import ConfigError, open_source
+    from edge.sources import open_source
     from splitedge.bundle import load_bundle
+    from splitedge.errors import SplitedgeError
 
     stop = _Stop()
     bundle = load_bundle(cfg.bundle)
     try:
+        cfg.use_packages()
         source = open_source(cfg.source, bundle.policy)
         sink = open_sink(cfg.sink, cfg.run_dir)
-    except ConfigError as e:
+    except SplitedgeError as e:  # ConfigError, or the packages are missing
         print(f"splitedge service: {e}", file=sys.stderr)
         _write_state(cfg, {"state": "failed", "error": str(e), "exit": EX_CONFIG})
         sd_notify(f"STATUS=failed: {e}")
@@ -314,6 +335,18 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
                 f"{out['encoder']['max_diff_lsb']} LSB (> {tol})"
             )
             return out
+        if cfg.source.get("kind", "env") == "env":  # the env must start here, as in the service
+            from edge.sources import open_source
+
+            try:
+                cfg.use_packages()
+                source = open_source(cfg.source, bundle.policy)
+                source.close()
+                out["source"] = {"ok": True, "name": source.name}
+            except SplitedgeError as e:
+                out["source"] = {"ok": False}
+                out["error"] = f"the service's source cannot start: {e}"
+                return out
         try:
             _reachable(client.config.server)
             client.connect()

@@ -284,3 +284,55 @@ def test_the_shipped_bundle_passes_edge_run_with_a_profile(
         stop(served)
     assert rc == 0, err
     assert doc["profile"].startswith("fits pi-zero-2w") and doc["env"] == "cartpole-pixels"
+
+
+def test_env_package_travels_with_the_release_and_the_service_imports_it(
+    bundles: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zipfile
+
+    from deploy.flash import remote
+    from deploy.flash.env_package import env_wheels
+    from deploy.flash.package import parse_sink, parse_source, stage_release
+    from splitedge.errors import SplitedgeError
+
+    monkeypatch.setenv("SPLITEDGE_CACHE", str(tmp_path / "cache"))
+    (wheel,) = env_wheels([USER_DIR], ENV)
+    assert env_wheels([USER_DIR], ENV) == [wheel], "built once per content"
+    with zipfile.ZipFile(wheel) as z:
+        modules = [n for n in z.namelist() if n.endswith(".py")]
+        assert modules == ["dot_env.py"], "only the env's module, not the folder's other scripts"
+        assert z.read("dot_env.py") == (USER_DIR / "dot_env.py").read_bytes()
+
+    release = tmp_path / "releases" / "dot-1.0.0"
+    bundle = load_bundle(bundles["unrecorded"])
+    stage_release(bundle, release, str(tmp_path), "h:1", parse_source(f"env:{ENV}"),
+                  parse_sink("log"), None, [wheel])  # fmt: skip
+    assert remote.check_env_wheels(release) == []
+    assert remote.install_env_packages(release, Path(sys.executable)) == [wheel.name]
+    assert (release / "packages" / "dot_env.py").read_bytes() == (
+        USER_DIR / "dot_env.py"
+    ).read_bytes()
+    # a process that cannot import dot_env by itself, as the device's service
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = (
+        "import sys; from edge.service import ServiceConfig; from edge.sources import open_source;"
+        "from splitedge.bundle import load_bundle;"
+        f"cfg = ServiceConfig.load({str(release / 'service.json')!r}); cfg.use_packages();"
+        "src = open_source(cfg.source, load_bundle(cfg.bundle).policy);"
+        "print(src.name, src.read().shape, sys.modules['dot_env'].__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert out.split() == [f"env:{ENV}", "(2,", "40,", "56)", str(release / "packages/dot_env.py")]
+
+    (release / "wheels" / wheel.name).write_bytes(b"not the wheel")
+    assert remote.check_env_wheels(release) == [
+        f"wheels/{wheel.name}: sha256 does not match service.json"
+    ]
+    with pytest.raises(SplitedgeError, match="not found"):
+        env_wheels([tmp_path / "nowhere"], ENV)
+    with pytest.raises(SplitedgeError, match="must be an entry point"):
+        env_wheels([USER_DIR], "CartPole-v1")
+    with pytest.raises(SplitedgeError, match="no other_env.py or other_env/__init__.py"):
+        env_wheels([USER_DIR], "other_env:Env")

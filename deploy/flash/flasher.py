@@ -44,6 +44,7 @@ class FlashOptions:
     device_python: str = "python3"
     bwlimit_kbps: int | None = None
     pip_args: list[str] = field(default_factory=list)
+    env_packages: list[Path] = field(default_factory=list)  # the user's env code (env_package.py)
 
     def transport(self) -> Transport:
         return Transport(
@@ -117,7 +118,13 @@ def dry_run_plan(opts: FlashOptions) -> list[dict[str, str]]:
             "step": "runtime",
             "command": f"python3 -m venv {root}/runtimes/<key>/venv; pip install "
             + ("--no-index " if opts.offline else "")
-            + f"--find-links {root}/wheelhouse splitedge[edge] cryptography",
+            + f"--find-links {root}/wheelhouse splitedge[edge] cryptography"
+            + (
+                f"; pip install --no-deps --target releases/{rel}/packages "
+                + " ".join(f"<{p}>" for p in opts.env_packages)
+                if opts.env_packages
+                else ""
+            ),
         },
         {
             "step": "verify",
@@ -154,6 +161,7 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         if source["kind"] != "env":
             raise SplitedgeError(f"--env-kwargs is for an env source, not --source {opts.source}")
         source["env_kwargs"] = dict(opts.env_kwargs)
+    wheels = _env_wheels(opts, bundle, source)
     steps.done("load", f"{release}: hashes ok" + (", signature ok" if opts.public_key else ""))
 
     llm = bundle.kind == "llm"  # no control loop: no server, no service, a greedy-decode probe
@@ -194,7 +202,9 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
     )
 
     with tempfile.TemporaryDirectory(prefix="splitedge-flash-") as tmp:
-        info = stage_release(bundle, Path(tmp) / release, root, server, source, sink, opts.service)
+        info = stage_release(
+            bundle, Path(tmp) / release, root, server, source, sink, opts.service, wheels
+        )
         camera = (
             ("opencv-python-headless",) if not llm and source["kind"] in ("camera", "video") else ()
         )
@@ -202,6 +212,7 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         steps.done(
             "package",
             f"probe {info['probe']['probe']}; {len(runtime.wheels)} wheel(s)"
+            + (f", env package(s) {', '.join(w.name for w in wheels)}" if wheels else "")
             + (" (offline)" if opts.offline else " (deps from the device's index)"),
         )
         t.op("prepare", root, release=release)
@@ -231,7 +242,8 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
     steps.done(
         "runtime",
         ("installed " if rt["installed"] else "reused ")
-        + f"runtimes/{runtime.key} ({rt['seconds']:.1f} s)",
+        + f"runtimes/{runtime.key} ({rt['seconds']:.1f} s)"
+        + (f"; env packages {', '.join(rt['env_packages'])}" if rt.get("env_packages") else ""),
     )
 
     if key_line:
@@ -298,6 +310,21 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         "wheel": runtime.wheel_digest,
         "ok": True,
     }
+
+
+def _env_wheels(opts: FlashOptions, bundle: Any, source: dict[str, Any]) -> list[Path]:
+    """Wheels of the user's env code to carry (--env-package), built here before any contact."""
+    if not opts.env_packages:
+        return []
+    if bundle.kind != "policy" or source["kind"] != "env":
+        raise SplitedgeError(
+            f"--env-package is for a policy bundle with an env source, not --source {opts.source}"
+        )
+    from deploy.flash.env_package import env_wheels
+
+    recorded = bundle.policy.get("env") or {}
+    env = source.get("env") or recorded.get("id") or bundle.policy.get("task")
+    return env_wheels(list(opts.env_packages), env)
 
 
 def _device_health(t: Transport, root: str, python: str, server: str | None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.flash.env_package import sha256
 from deploy.flash.probe import write_probe
 from splitedge import __version__
 from splitedge.bundle import SIGNATURE, Bundle
@@ -94,10 +95,12 @@ def stage_release(
     source: dict[str, Any],
     sink: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    wheels: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Write the release folder to copy: bundle/, probe.npz, service.json, release.json, splitedge.service.
 
-    An llm release carries bundle/ and release.json only.
+    wheels: the user's env packages (flash --env-package), carried in wheels/ and listed with
+    their sha256 in service.json's env_wheels. An llm release carries bundle/ and release.json only.
     """
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(bundle.root, out / "bundle", dirs_exist_ok=True)
@@ -110,6 +113,12 @@ def stage_release(
         if not server:
             raise SplitedgeError("a policy bundle needs a policy server: pass --server HOST:PORT")
         probe = write_probe(bundle, out / "probe.npz", source)
+        carried = {}
+        for whl in wheels or []:
+            (out / "wheels").mkdir(exist_ok=True)
+            shutil.copy2(whl, out / "wheels" / whl.name)
+            carried[f"wheels/{whl.name}"] = sha256(whl)
+        extra = {**(extra or {}), **({"env_wheels": carried} if carried else {})}
         (out / "service.json").write_text(
             json.dumps(service_config(root, server, source, sink, extra), indent=2)
         )

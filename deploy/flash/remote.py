@@ -214,6 +214,26 @@ def check_bundle_files(bundle: Path) -> list[str]:
     return problems
 
 
+def _env_wheels(release: Path) -> dict[str, str]:
+    """The user's env wheels a release carries (service.json env_wheels: path -> sha256)."""
+    try:
+        return dict(json.loads((release / "service.json").read_text()).get("env_wheels") or {})
+    except (OSError, ValueError):
+        return {}
+
+
+def check_env_wheels(release: Path) -> list[str]:
+    """Problems comparing the carried env wheels with the digests service.json lists."""
+    problems = []
+    for rel, digest in sorted(_env_wheels(release).items()):
+        p = release / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif _sha256(p) != digest:
+            problems.append(f"{rel}: sha256 does not match service.json")
+    return problems
+
+
 def stage(root: Path, release: str) -> dict[str, Any]:
     """Check the transferred release and move it into releases/ (one rename); never touches current."""
     incoming, target = root / "incoming" / release, root / "releases" / release
@@ -225,7 +245,7 @@ def stage(root: Path, release: str) -> dict[str, Any]:
             raise Refused(
                 f"transfer incomplete: {need} missing in {incoming}; flash again to resume"
             )
-    problems = check_bundle_files(incoming / "bundle")
+    problems = check_bundle_files(incoming / "bundle") + check_env_wheels(incoming)
     if problems:
         raise Refused("bundle on the device failed its hash check: " + "; ".join(problems))
     if target.exists():
@@ -319,13 +339,34 @@ def install_runtime(
         installed = True
     link = root / "releases" / release / "runtime"
     _replace_symlink(link, f"../../runtimes/{key}")
+    packages = install_env_packages(
+        root / "releases" / release, runtime / "venv" / "bin" / "python"
+    )
     return {
         "ok": True,
         "runtime": str(runtime),
         "installed": installed,
+        "env_packages": packages,
         "seconds": time.monotonic() - t0,
         "python": str(runtime / "venv" / "bin" / "python"),
     }
+
+
+def install_env_packages(release: Path, python: Path) -> list[str]:
+    """Install the release's env wheels, without dependencies, into its own packages/ folder
+    (once; the service puts it on sys.path). The shared runtime venv is left as it is."""
+    wheels = sorted(_env_wheels(release))
+    target = release / "packages"
+    if wheels and not target.is_dir():
+        tmp = release / ".packages.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps"]
+        _run(
+            pip + ["--no-index", "--target", str(tmp)] + [str(release / w) for w in wheels],
+            "install the env packages",
+        )
+        os.rename(tmp, target)  # whole or not at all
+    return [Path(w).name for w in wheels]
 
 
 def _run(argv: list[str], what: str) -> None:

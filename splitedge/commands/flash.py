@@ -95,6 +95,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bundle records for its env)",
     )
     p.add_argument(
+        "--env-package",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="your env's code for an env source, repeatable: a wheel, a project folder "
+        "(pyproject.toml/setup.py), or the folder holding the module of a "
+        "package.module:ClassName env; installed without dependencies into the release on "
+        "the device (default: none; the env must come with the edge runtime)",
+    )
+    p.add_argument(
         "--sink",
         default="socket",
         help="actions: socket[:PATH], entrypoint:pkg.mod:func, log (default: %(default)s)",
@@ -138,6 +149,7 @@ def _options(args: argparse.Namespace, host: str, overrides: dict[str, Any] | No
         public_key=args.public_key,
         source=args.source,
         env_kwargs=env_kwargs(args.env_kwargs),
+        env_packages=args.env_package,
         sink=args.sink,
         service={"rate_hz": args.rate_hz, "backend": args.backend},
         ssh_config=args.ssh_config,
