@@ -71,7 +71,7 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def optimized_ops(onnx_path: Path, threads: int = 1) -> int:
+def optimized_ops(model: bytes, threads: int = 1) -> int:
     """Operators onnxruntime runs per step after its graph fusions (as the runtime's session)."""
     import tempfile
 
@@ -84,7 +84,7 @@ def optimized_ops(onnx_path: Path, threads: int = 1) -> int:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         opts.log_severity_level = 3  # the "hardware specific" warning on saving is expected
-        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         return len(onnx.load(opts.optimized_model_filepath).graph.node)
 
 
@@ -104,19 +104,18 @@ def _worker(
         rt = LlmRuntime(bundle, threads=threads)
         if cold and rt.table is not None:
             rt.table.drop_cache()
-        val = np.fromfile(
-            rt.bundle.file(rt.bundle.manifest["llm"]["validation"]["tokens"]), dtype=np.uint16
-        )
+        if rt.spec.validation is None:
+            raise SplitedgeError(f"{bundle} ships no validation tokens to score")
+        val = np.frombuffer(rt.files.read(rt.spec.validation), dtype="<u2").copy()
         rss = _rss_bytes()
-        decoder = rt.bundle.file(rt.bundle.manifest["llm"]["decoder"]["onnx"])
-        ops = optimized_ops(decoder, threads) if inspect else None
+        ops = optimized_ops(rt.files.read(rt.spec.decoder), threads) if inspect else None
         conn.send(
             {
                 "ok": True,
                 "val_tokens": val,
                 "rss_loaded": rss,
                 "optimized_ops": ops,
-                "decoder_bytes": decoder.stat().st_size,  # ~ the weights a step reads
+                "decoder_bytes": rt.decoder_bytes,  # ~ the weights a step reads
             }
         )
     except Exception as e:  # report to the parent instead of dying silently
@@ -162,12 +161,15 @@ def run_bench(bundles: list[str], cfg: BenchConfig) -> dict[str, Any]:
     its twin for its whole life (where its buffers landed), and one launch cannot tell that
     bias from a real difference.
     """
-    from splitedge.bundle import load_bundle
+    from edge.llm.files import BundleFiles
+    from edge.llm.spec import parse_llm_spec
 
-    manifests = [load_bundle(b).manifest for b in bundles]
-    for b, m in zip(bundles, manifests, strict=True):
-        if m["kind"] != "llm":
-            raise SplitedgeError(f"{b} is a {m['kind']!r} bundle; llm bench needs llm bundles")
+    manifests = []
+    for b in bundles:  # checked here so a bad bundle is one line, not a worker's failure
+        files = BundleFiles(b)
+        parse_llm_spec(files.manifest, b)
+        manifests.append(files.manifest)
+        files.close()
     launches = [_launch(bundles, manifests, cfg, first=k == 0) for k in range(cfg.launches)]
     return _summarise(bundles, manifests, launches, cfg)
 

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edge.llm.files import BundleFiles
 from edge.llm.sampling import Sampler
+from edge.llm.spec import check_decoder, check_table_size, parse_llm_spec
 from edge.llm.table import MemoryTable
-from splitedge.bundle import Bundle, load_bundle
+from splitedge.bundle import Bundle
 from splitedge.errors import SplitedgeError
 
 
@@ -58,38 +60,55 @@ class Generation:
         )
 
 
-def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
+def cpu_session(model: Path | bytes, threads: int) -> ort.InferenceSession:
     """A CPU session for batch-1 decoding: few threads, no spinning, full graph fusion."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 class LlmRuntime:
-    """One loaded llm bundle: tokenizer, decoder session, memory table and the KV cache."""
+    """One loaded llm bundle: tokenizer, decoder session, memory table and the KV cache.
+
+    Start-up reads the manifest and the decoder (checked against its sha256 as read) and maps
+    the table without reading it: every manifest field is checked against the others, the
+    table file's size and the decoder's inputs first (edge.llm.spec), and the table's blocks
+    are verified on first touch (edge.llm.table). A .tar bundle is read in place.
+    """
 
     def __init__(self, bundle: Bundle | str | Path, threads: int = 1, iobinding: bool = True):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        if self.bundle.kind != "llm":
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SplitedgeError(f"threads must be a positive integer, got {threads!r}")
+        self.files = BundleFiles(bundle)
+        where = self.files.where
+        self.spec = parse_llm_spec(self.files.manifest, where)
+        self.config: dict[str, Any] = dict(self.files.manifest["llm"]["config"])
+        self.n_layer, self.n_head = self.spec.n_layer, self.spec.n_head
+        self.head_dim = self.spec.head_dim
+        self.context = self.spec.block_size
+        self.eot_id = self.spec.eot_id
+        self.decoder_bytes = len(decoder := self.files.read(self.spec.decoder))
+        try:
+            self.session = cpu_session(decoder, threads)
+        except Exception as e:  # onnxruntime's errors are multi-line; keep the first
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SplitedgeError(
-                f"bundle {self.bundle.root} is a {self.bundle.kind!r} bundle, not an llm bundle"
-            )
-        spec = self.bundle.manifest["llm"]
-        self.config: dict[str, Any] = dict(spec["config"])
-        self.n_layer, self.n_head = int(self.config["n_layer"]), int(self.config["n_head"])
-        self.head_dim = int(self.config["d_model"]) // self.n_head
-        self.context = int(self.config["block_size"])
-        self.eot_id = int(spec["eot_id"])
-        self.session = cpu_session(self.bundle.file(spec["decoder"]["onnx"]), threads)
+                f"{where}: {self.spec.decoder} is not a decoder onnxruntime can load "
+                f"({first[:160]}); re-fold the bundle"
+            ) from None
+        del decoder
+        check_decoder(self.spec, self.session, where)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.table = (
-            MemoryTable(self.bundle.file(spec["table"]["file"]), spec["table"])
-            if spec.get("table")
-            else None
-        )
+        self.table: MemoryTable | None = None
+        if self.spec.table is not None:
+            path, offset, size = self.files.locate(self.spec.table.file)
+            check_table_size(self.spec.table, size, where)
+            whole = self.files.manifest["files"].get(self.spec.table.file)
+            self.table = MemoryTable(path, self.spec.table, offset, size, file_sha256=whole)
         self._tokenizer: Any = None
         self.iobinding = iobinding
         self._init_step_binding()
@@ -100,12 +119,31 @@ class LlmRuntime:
         if self._tokenizer is None:  # loaded on first use: scoring and benches need none
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(
-                str(self.bundle.file(self.bundle.manifest["llm"]["tokenizer"]))
-            )
+            data = self.files.read(self.spec.tokenizer)
+            try:
+                tok = Tokenizer.from_str(data.decode("utf-8"))
+            except Exception as e:
+                raise SplitedgeError(
+                    f"{self.files.where}: {self.spec.tokenizer} is not a tokenizer "
+                    f"({str(e).strip()[:120]}); re-fold the bundle"
+                ) from None
+            if tok.get_vocab_size() > self.spec.vocab_size:
+                raise SplitedgeError(
+                    f"{self.files.where}: {self.spec.tokenizer} has {tok.get_vocab_size()} "
+                    f"tokens, more than llm.config.vocab_size {self.spec.vocab_size}; "
+                    "re-fold the bundle"
+                )
+            self._tokenizer = tok
         return self._tokenizer
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt; refuses text that is not valid Unicode (e.g. undecodable bytes)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # argv bytes that were not UTF-8 arrive as surrogates
+            raise SplitedgeError(
+                f"the prompt is not valid UTF-8 (character {e.start}); pass UTF-8 text"
+            ) from None
         return list(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -225,7 +263,14 @@ class LlmRuntime:
         stop_at_eot: bool = True,
         record: Generation | None = None,
     ) -> Iterator[int]:
-        """Prefill the prompt, then yield up to max_new_tokens sampled ids; timings go to `record`."""
+        """Prefill the prompt, then yield up to max_new_tokens sampled ids; timings go to `record`.
+
+        An empty prompt starts a new document: decoding begins after the end-of-text token.
+        A prompt longer than the context keeps its last block_size - 1 tokens. Logits that are
+        not finite (a table or decoder holding NaN/inf) stop generation with an error.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise SplitedgeError(f"seed must be an integer >= 0, got {seed!r}")
         sampler = sampler or Sampler()
         rng = np.random.default_rng(seed)
         gen = record if record is not None else Generation(prompt_ids=[])
@@ -237,6 +282,8 @@ class LlmRuntime:
         gen.prompt_seconds = time.perf_counter() - t0
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(max_new_tokens):
+            if not np.isfinite(logits).all():
+                raise self._non_finite(len(gen.prompt_ids) + i)
             token = sampler(logits, rng)
             if self.table is not None:
                 self.table.prefetch(token)  # start the flash read while the caller emits text
@@ -270,13 +317,26 @@ class LlmRuntime:
         seed: int = 0,
         record: Generation | None = None,
     ) -> Iterator[str]:
-        """Generate text from a prompt, yielding decoded pieces as soon as they are whole characters."""
+        """Generate text from a prompt, yielding decoded pieces as soon as they are whole characters.
+
+        The prompt is encoded (and refused if it is not valid UTF-8) when this is called,
+        before the first piece is asked for.
+        """
+        ids = self.encode(prompt)
+        return self._pieces(ids, max_new_tokens, sampler, seed, record)
+
+    def _pieces(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        sampler: Sampler | None,
+        seed: int,
+        record: Generation | None,
+    ) -> Iterator[str]:
         from tokenizers.decoders import DecodeStream
 
         decoder = DecodeStream(skip_special_tokens=True)
-        for token in self.iter_generate(
-            self.encode(prompt), max_new_tokens, sampler, seed, True, record
-        ):
+        for token in self.iter_generate(ids, max_new_tokens, sampler, seed, True, record):
             piece = decoder.step(self.tokenizer, token)
             if piece:
                 yield piece
@@ -290,6 +350,8 @@ class LlmRuntime:
             x, y = tokens[s : s + self.context], tokens[s + 1 : s + 1 + self.context]
             self.reset()
             logits = self.forward(x.tolist()).astype(np.float64)  # (T, V)
+            if not np.isfinite(logits).all():
+                raise self._non_finite(s)
             m = logits.max(axis=1, keepdims=True)
             logz = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
             total += float((logz - logits[np.arange(y.size), y]).sum())
@@ -302,6 +364,14 @@ class LlmRuntime:
             "val_tokens": count,
         }
 
+    def _non_finite(self, position: int) -> SplitedgeError:
+        return SplitedgeError(
+            f"{self.files.where}: the decoder gave non-finite logits (NaN or inf) at token "
+            f"position {position}; its table or decoder holds non-finite values: "
+            "re-fold the bundle"
+        )
+
     def close(self) -> None:
         if self.table is not None:
             self.table.close()
+        self.files.close()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+# Temperatures outside this range are not a sampling choice but a mistake: below it the
+# distribution is greedy anyway (and a denormal overflows the scaled logits to inf), above it
+# sampling is uniform noise. 0 (or greedy=True) is the way to ask for greedy decoding.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 100.0
 
 
 @dataclass(frozen=True)
@@ -17,12 +23,22 @@ class Sampler:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        t = self.temperature
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, int | float)
+            or not math.isfinite(t)
+            or (t != 0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)
+        ):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                f"{MAX_TEMPERATURE:g}], got {t!r}"
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
 
     def kept(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token ids that survive the filters and their renormalised probabilities."""

@@ -6,8 +6,9 @@ so fetching a token's memory is one contiguous read:
 - float32 / float16: record = the rows in that dtype;
 - int8: record = int8 rows, then one float32 scale per row (symmetric, max-abs / 127).
 
-The ONNX graph takes the token's rows as the input `memory_rows`; the table is never
-inside the graph, so the device's RAM holds only the dense-sized weights.
+The ONNX graph takes the token's rows as the inputs `memory_rows_<layer>`; the table is never
+inside the graph, so the device's RAM holds only the dense-sized weights. The manifest entry
+lists one sha256 per 1 MiB block of the table, which the device checks on first read.
 """
 
 from __future__ import annotations
@@ -20,17 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge.llm.spec import BLOCK_BYTES, io_names, record_dtype
+from edge.llm.table import block_digests
 from models.meki.model import MeKiGPT
 
 OPSET = 17
 TABLE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
-
-
-def table_record_dtype(dtype: str, n_layer: int, d_mem: int) -> np.dtype:
-    """numpy dtype of one token's record in the table file (little-endian, packed)."""
-    if dtype == "int8":
-        return np.dtype([("q", "i1", (n_layer, d_mem)), ("scale", "<f4", (n_layer,))])
-    return np.dtype((np.dtype(dtype).newbyteorder("<"), (n_layer, d_mem)))
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +44,7 @@ def write_table(table: np.ndarray, path: Path, dtype: str) -> dict[str, Any]:
             f"table dtype must be one of {sorted(TABLE_DTYPES.values())}, got {dtype!r}"
         )
     V, L, D = table.shape
-    rec = table_record_dtype(dtype, L, D)
+    rec = record_dtype(dtype, L, D)
     out = np.empty(V, dtype=rec)
     if dtype == "int8":
         out["q"], out["scale"] = quantize_rows(table)
@@ -64,6 +60,8 @@ def write_table(table: np.ndarray, path: Path, dtype: str) -> dict[str, Any]:
     }
     if dtype == "int8":
         entry["scale"] = {"dtype": "float32", "per": "row", "offset_in_record": L * D}
+    # one digest per block: the device verifies a block when it first reads from it
+    entry["blocks"] = {"bytes": BLOCK_BYTES, "sha256": block_digests(path, BLOCK_BYTES)}
     return entry
 
 
@@ -126,17 +124,6 @@ def merge_add_chains(graph: Any) -> int:
     del graph.node[:]
     graph.node.extend(n for i, n in enumerate(nodes) if i not in dropped)
     return len(dropped)
-
-
-def io_names(n_layer: int, has_memory: bool) -> tuple[list[str], list[str]]:
-    """Input and output names of the decoder graph."""
-    inputs = ["input_ids", "position_ids"]
-    inputs += [f"memory_rows_{i}" for i in range(n_layer)] if has_memory else []
-    inputs += [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
-    outputs = ["logits"] + [
-        f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")
-    ]
-    return inputs, outputs
 
 
 def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:

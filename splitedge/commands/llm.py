@@ -51,7 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     f.set_defaults(func=fold)
     g = lsub.add_parser("generate", help="stream text from an llm bundle (onnxruntime, no torch)")
-    g.add_argument("prompt", help="text to continue")
+    g.add_argument(
+        "prompt",
+        help="UTF-8 text to continue; an empty prompt starts a new document (generation "
+        "begins after the end-of-text token); a prompt longer than the context keeps its end",
+    )
     g.add_argument("--bundle", type=Path, required=True, help="llm bundle directory or .tar")
     g.add_argument(
         "--max-new-tokens",
@@ -60,14 +64,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokens to generate after the prompt (default: %(default)s)",
     )
     g.add_argument(
-        "--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)"
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0 = greedy, else 0.01 to 100 (default: %(default)s)",
     )
-    g.add_argument("--top-k", type=int, default=40, help="0 = off (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: %(default)s)")
-    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument(
-        "--threads", type=int, default=1, help="onnxruntime threads (default: %(default)s)"
+        "--top-k", type=int, default=40, help="keep the k likeliest, 0 = off (default: %(default)s)"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=0.95, help="in (0, 1], 1 = off (default: %(default)s)"
+    )
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, >= 0 (default: %(default)s)")
+    g.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime threads, >= 1 (default: %(default)s)"
     )
     g.add_argument("--json", action="store_true", help="print text and timings as JSON at the end")
     g.set_defaults(func=generate)
@@ -317,34 +328,50 @@ def generate(args: argparse.Namespace) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy
         )
     except ValueError as e:
-        raise SplitedgeError(str(e)) from e
-    if args.max_new_tokens <= 0:
-        raise SplitedgeError("--max-new-tokens must be positive")
+        raise SplitedgeError(
+            str(e).replace("top_", "--top-").replace("temperature", "--temperature")
+        ) from e
+    for flag, value, lo in (
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--seed", args.seed, 0),
+        ("--threads", args.threads, 1),
+    ):
+        if value < lo:
+            raise SplitedgeError(f"{flag} must be an integer >= {lo}, got {value}")
     runtime = LlmRuntime(args.bundle, threads=args.threads)
     record = Generation(prompt_ids=[])
-    pieces = []
-    if not args.json:
-        sys.stdout.write(args.prompt)
-    for piece in runtime.stream(args.prompt, args.max_new_tokens, sampler, args.seed, record):
-        pieces.append(piece)
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    pieces: list[str] = []
+    try:
+        # encodes now: a prompt that is not UTF-8 is refused before anything is written
+        stream = runtime.stream(args.prompt, args.max_new_tokens, sampler, args.seed, record)
+        for piece in stream:
+            if not args.json:
+                if not pieces:  # echo the prompt once the decoder has produced good logits
+                    sys.stdout.write(args.prompt)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            pieces.append(piece)
+    finally:
+        runtime.close()
     stats = {
         "prompt_tokens": len(record.prompt_ids),
         "new_tokens": len(record.ids),
         "prompt_tokens_per_s": round(record.prompt_tps, 1),
         "gen_tokens_per_s": round(record.gen_tps, 1),
         "table_bytes_read": runtime.table.bytes_read if runtime.table else 0,
+        "table_blocks_verified": runtime.table.blocks_verified if runtime.table else 0,
     }
-    runtime.close()
     if args.json:
         emit({"prompt": args.prompt, "text": "".join(pieces), **stats}, True)
     else:
+        if not pieces:
+            sys.stdout.write(args.prompt)
         sys.stdout.write("\n")
         print(
             f"[{stats['new_tokens']} tokens, prompt {stats['prompt_tokens_per_s']} tok/s, "
-            f"generation {stats['gen_tokens_per_s']} tok/s, table read {stats['table_bytes_read']} B]",
+            f"generation {stats['gen_tokens_per_s']} tok/s, table read "
+            f"{stats['table_bytes_read']} B, {stats['table_blocks_verified']} table blocks "
+            "verified]",
             file=sys.stderr,
         )
     return 0
