@@ -387,3 +387,75 @@ def test_failing_health_gate_rolls_back_automatically(env: dict) -> None:
         "the restored release was checked and is healthy"
     )
     _supervisor_alive(root)
+
+
+CAM_ENV = '''"""A user's env, outside splitedge: 3x48x48 frames of a bar the actions move."""
+
+import gymnasium as gym
+import numpy as np
+
+
+class Cam(gym.Env):
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(0, 255, (3, 48, 48), np.uint8)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def _obs(self):
+        img = np.zeros((3, 48, 48), np.uint8)
+        img[:, :, self.x] = 255
+        return img
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = int(self.np_random.integers(48))
+        return self._obs(), {}
+
+    def step(self, action):
+        self.x = (self.x + (1 if action else -1)) % 48
+        return self._obs(), 0.0, False, False, {}
+'''
+
+
+def _user_env_version(tmp: Path, version: str) -> Path:
+    """The shipped bundle re-versioned, recording a user's env (cam_env:Cam, same frame shape)
+    that exists only in the user's folder: the device gets it from --env-package or not at all."""
+    out = _version(tmp, version)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("format")
+    manifest.pop("files")
+    manifest["policy"].update(task=None, env={"id": "cam_env:Cam", "kwargs": {}})
+    write_manifest(out, manifest)
+    return out
+
+
+def test_the_users_env_package_travels_with_its_release(env: dict) -> None:
+    from deploy.flash.flasher import FlashOptions, flash
+
+    dev, root = env["dev"], env["dev"].root
+    project = env["tmp"] / "user-project"
+    project.mkdir()
+    (project / "cam_env.py").write_text(CAM_ENV)
+    (project / "train.py").write_text("import torch\n")  # the user's other scripts stay home
+    good, v7 = _user_env_version(env["tmp"], "1.0.7"), f"{NAME}-1.0.7"
+    rc, r = _cli(env, *_flash_args(env, good, "--env-package", str(project)))
+    assert rc == 0 and _current(root) == v7, r
+    packages = root / "releases" / v7 / "packages"
+    assert (packages / "cam_env.py").read_text() == CAM_ENV and not (packages / "train.py").exists()
+    health = json.loads((root / "state" / "health.json").read_text())
+    assert health["ok"] and health["source"] == {"ok": True, "name": "env:cam_env:Cam"}
+    state: dict = {}
+    for _ in range(100):  # the restarted service runs the user's env closed loop
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((root / "state" / "service.json").read_text())
+        if state.get("source") == "env:cam_env:Cam" and state.get("steps", 0) > 0:
+            break
+        time.sleep(0.2)
+    assert state.get("source") == "env:cam_env:Cam" and state["steps"] > 0, state
+
+    # the same env without its package: the gate cannot start the source, and rolls back
+    bare = _user_env_version(env["tmp"], "1.0.8")
+    opts = FlashOptions(host=dev.host, bundle=bare, profile="pi-zero-2w", server=env["server"],
+                        offline=True, ssh_config=dev.ssh_config)  # fmt: skip
+    with pytest.raises(SplitedgeError, match=f"cannot import 'cam_env'.*current is {v7}"):
+        flash(opts)
+    assert _current(root) == v7 and (packages / "cam_env.py").is_file()
