@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from splitedge.commands._env_options import env_kwargs
 from splitedge.errors import SplitedgeError
 from splitedge.output import emit, table
 
@@ -81,18 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _env_kwargs(text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SplitedgeError(f"--env-kwargs is not JSON ({e}); e.g. '{{\"size\": 48}}'") from e
-    if not isinstance(value, dict):
-        raise SplitedgeError(f"--env-kwargs must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         raise SplitedgeError(
@@ -100,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.frames is not None and not args.frames.is_file():
         raise SplitedgeError(f"--frames {args.frames} not found")
-    kwargs = _env_kwargs(args.env_kwargs)
+    kwargs = env_kwargs(args.env_kwargs) or {}
     profile = None
     if args.profile:
         from deploy.devices import load_profile
