@@ -50,3 +50,4 @@ def emit(result: Any, as_json: bool, text: str | None = None) -> None:
         sys.stdout.write("\n")
     else:
         print(text if text is not None else json.dumps(result, indent=2, default=str))
+    sys.stdout.flush()  # a command that keeps running (device emulate) is read while it runs
