@@ -2,6 +2,8 @@
 
 The server runs on its own event-loop thread; `PolicyServer` drives it with blocking calls
 shaped like grpc.Server's (start, stop(grace).wait()), so callers and tests need no asyncio.
+Every call passes server/guard.py first; server/limits.py turns ServerConfig's limits into
+gRPC options; server/http.py serves /metrics, /ready and /live.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Coroutine
@@ -21,16 +24,24 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
-from server.auth import AuthInterceptor, TokenTable, server_credentials
-from server.config import ServerConfig
+from server.auth import TokenTable, server_credentials
+from server.config import ServerConfig, _address
+from server.guard import Guard
 from server.health import SERVING, Health
+from server.http import MetricsEndpoint, bind_failure
+from server.limits import METRICS_CONNECTIONS, connection_limit, grpc_options, request_limit
 from server.servicer import PolicyServicer
 from splitedge.errors import SplitedgeError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("splitedge.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Policy"].full_name  # "splitedge.v1.Policy"
 T = TypeVar("T")
 GIL_SWITCH_S = 0.0005
+# After drain starts, calls gRPC has accepted but not yet handed to us still reach the
+# servicer for this long (Act is answered, Hello and new streams get UNAVAILABLE) before the
+# listener stops: gRPC cancels calls it holds unhanded at that moment.
+SETTLE_S = 0.5
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class PolicyServer:
@@ -41,12 +52,21 @@ class PolicyServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
         self._thread.start()
-        self.health = Health()
+        self.health = Health(cfg.max_health_watches, servicer.refused)
+        servicer.metrics.health_watches.set_function(lambda: self.health.watches)
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._http: MetricsEndpoint | None = None
+        self._probe_server: grpc.aio.Server | None = None
         try:
+            self.max_request = request_limit(cfg, servicer.models)
+            self.max_connections = connection_limit(cfg)
             self.server, self.port = self._run(self._build())
+            if cfg.health_port is not None:
+                self._probe_server, self.health_port = self._run(self._build_probe())
             if cfg.metrics_port is not None:
-                self.metrics_port = servicer.metrics.serve_http(cfg.host, cfg.metrics_port)
+                self._http = _metrics_endpoint(cfg, servicer)
+                self.metrics_port = self._http.start(cfg.metrics_host, cfg.metrics_port)
         except BaseException:
             self._close_loop()
             raise
@@ -54,30 +74,25 @@ class PolicyServer:
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def _guard(self, tokens: TokenTable | None) -> Guard:
+        cfg, servicer = self.cfg, self.servicer
+        return Guard(
+            servicer.reaper,
+            cfg.unary_deadline_s,
+            cfg.stream_idle_s,
+            servicer.refused,
+            tokens,
+            mutual_tls=cfg.client_ca is not None,
+        )
+
     async def _build(self) -> tuple[grpc.aio.Server, int]:
         cfg = self.cfg
-        interceptors = []
-        if cfg.tokens is not None:
-            tokens = TokenTable.load(cfg.tokens)
-            interceptors.append(
-                AuthInterceptor(tokens, cfg.client_ca is not None, self.servicer.metrics.answered)
-            )
+        tokens = TokenTable.load(cfg.tokens) if cfg.tokens is not None else None
         credentials = server_credentials(cfg)
         server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                # A request over this limit gets RESOURCE_EXHAUSTED from gRPC itself, before any of
-                # our code runs (a 64 MB "frame" never reaches the decoder); that status is clear.
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-                # No bandwidth-delay PINGs: decisions are ~100-byte messages, and on a 20 kbit/s
-                # uplink each probe costs as much airtime as a fifth of a decision.
-                ("grpc.http2.bdp_probe", 0),
-                # Edge clients ping every 30 s to notice dead links; allow it without a GOAWAY.
-                ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
+            interceptors=[self._guard(tokens)],
+            options=grpc_options(cfg, self.max_request, self.max_connections),
+            maximum_concurrent_rpcs=cfg.max_rpcs,
         )
         pb_grpc.add_PolicyServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -91,49 +106,105 @@ class PolicyServer:
                 port = server.add_insecure_port(cfg.address)
             else:
                 port = server.add_secure_port(cfg.address, credentials)
-        except RuntimeError as e:
-            port, reason = 0, str(e)
-        else:
-            reason = ""
+        except RuntimeError:
+            port = 0
         if not port:
-            raise SplitedgeError(
-                f"cannot listen on {cfg.address} ({reason or 'bind failed'}); "
-                "is the port in use? Pick another with --port"
-            )
+            raise bind_failure(cfg.host, cfg.port, None, "--port")
+        return server, port
+
+    async def _build_probe(self) -> tuple[grpc.aio.Server, int]:
+        """grpc.health.v1 alone, in plaintext, on cfg.health_port (for kubelet's gRPC probe)."""
+        cfg = self.cfg
+        assert cfg.health_port is not None
+        server = grpc.aio.server(
+            interceptors=[self._guard(None)],
+            options=grpc_options(cfg, 4 << 10, 64),
+            maximum_concurrent_rpcs=256,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port = server.add_insecure_port(_address(cfg.host, cfg.health_port))
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise bind_failure(cfg.host, cfg.health_port, None, "--health-port")
         return server, port
 
     def start(self) -> None:
         """Start answering calls."""
+        self.servicer.reaper.start(self.loop)
         self._run(self.server.start())
+        if self._probe_server is not None:
+            self._run(self._probe_server.start())
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Drain: health NOT_SERVING, refuse new calls, end idle streams, let in-flight calls
-        finish for up to `grace` seconds; `.wait()` on the result."""
+        """Drain: health NOT_SERVING and /ready 503, no new sessions or streams, idle streams
+        end; after SETTLE_S (within grace) stop listening and let in-flight calls finish for
+        the rest of `grace` seconds; `.wait()` on the result."""
         done = threading.Event()
         if self.loop.is_closed():
             done.set()
             return done
 
         async def go() -> None:
-            # one step on the loop: no new call can slip in between NOT_SERVING and the stop
+            # one step on the loop: no new call can slip in between NOT_SERVING and the drain
             await self.health.enter_graceful_shutdown()
             self.servicer.begin_drain()
-            await self.server.stop(grace)
+            settle = min(SETTLE_S, grace or 0.0)
+            if settle:
+                await asyncio.sleep(settle)
+            await self.server.stop(None if grace is None else grace - settle)
+            if self._probe_server is not None:
+                await self._probe_server.stop(None)
+            self.servicer.reaper.stop()
 
         future = asyncio.run_coroutine_threadsafe(go(), self.loop)
         future.add_done_callback(lambda _: done.set())
         return done
 
     def close(self) -> None:
-        """Stop the server now (if still running) and the event-loop thread."""
+        """Stop the server now (if still running), the metrics endpoint and the loop thread."""
         if not self.loop.is_closed():
             self.stop(None).wait()
             self._close_loop()
 
     def _close_loop(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+def _metrics_endpoint(cfg: ServerConfig, servicer: PolicyServicer) -> MetricsEndpoint:
+    token = None
+    if cfg.metrics_token is not None:
+        try:
+            token = cfg.metrics_token.read_text().strip()
+        except OSError as e:
+            raise SplitedgeError(
+                f"cannot read the metrics token file {cfg.metrics_token} ({e.strerror})"
+            ) from e
+        if not token:
+            raise SplitedgeError(f"metrics token file {cfg.metrics_token} is empty")
+    tls = None
+    if cfg.metrics_tls:
+        assert cfg.tls_cert is not None and cfg.tls_key is not None
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise SplitedgeError(
+                f"cannot use {cfg.tls_cert} / {cfg.tls_key} for the metrics endpoint ({e})"
+            ) from e
+    return MetricsEndpoint(
+        servicer.metrics.render,
+        lambda: not servicer.draining,
+        token=token,
+        tls=tls,
+        max_connections=METRICS_CONNECTIONS,
+    )
 
 
 def create_server(
@@ -160,7 +231,7 @@ def serve(
     on_ready: Callable[[PolicyServicer, PolicyServer], None] | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (or `stop` is set): NOT_SERVING, drain for grace_s, return 0."""
+    """Serve until SIGTERM/SIGINT/SIGHUP (or `stop` is set): drain for grace_s, return 0."""
     # Each decision crosses from the event loop to the batcher thread and back; with the
     # default 5 ms GIL switch interval a busy thread can hold that hand-off up to 5 ms,
     # which showed as a 5 ms p99 for a lone client. This process is ours: switch sooner.
@@ -172,31 +243,54 @@ def serve(
         servicer.close()
         raise
     stop = stop or threading.Event()
-    restore = _on_signals(stop)
+    received: list[str] = []
+    restore = _on_signals(stop, received)
     try:
         server.start()
+        log.info(
+            "serving",
+            extra={
+                "event": "start",
+                "address": _address(cfg.host, server.port),
+                "bundle": f"{servicer.models.name} {servicer.models.version}",
+                "max_request_bytes": server.max_request,
+                "max_connections": server.max_connections,
+            },
+        )
         if on_ready:
             on_ready(servicer, server)
         while not stop.wait(0.5):  # a timed wait, so signal handlers get to run promptly
             pass
-        log.info("stopping: NOT_SERVING, draining for up to %.1f s", cfg.grace_s)
+        log.info(
+            "draining: NOT_SERVING, in-flight calls get up to %.1f s",
+            cfg.grace_s,
+            extra={"event": "drain", "signal": received[0] if received else "stop"},
+        )
         server.stop(cfg.grace_s).wait()
     finally:
         server.close()
         servicer.close()
         restore()
+    stats = servicer.stats()
+    log.info(
+        "stopped",
+        extra={"event": "exit", "decisions": stats["decisions"], "errors": stats["errors"]},
+    )
     return 0
 
 
-def _on_signals(stop: threading.Event) -> Callable[[], None]:
-    """Make SIGTERM/SIGINT set `stop` (main thread only); returns a function restoring the old handlers."""
+def _on_signals(stop: threading.Event, received: list[str]) -> Callable[[], None]:
+    """Make SIGTERM/SIGINT/SIGHUP set `stop` (main thread only); returns a function restoring
+    the old handlers. SIGHUP drains too: a closed terminal or a supervisor's HUP must not kill
+    calls in flight (the server has no config to reload; restart it to change one)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
         stop.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
     def restore() -> None:
         for sig, old in previous.items():

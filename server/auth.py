@@ -1,4 +1,5 @@
-"""Who may call: TLS / mutual-TLS credentials from files, per-device bearer tokens in an interceptor.
+"""Who may call: TLS / mutual-TLS credentials from files, per-device bearer tokens (checked
+by server/guard.py from a call's headers, before its body is read).
 
 The tokens file has one device per line, ``<device-id> sha256:<hex of the token>`` (``#``
 comments allowed), so the server never stores a device's secret; `splitedge certs` writes it.
@@ -10,8 +11,7 @@ token is useless without that device's key. Health checks stay open (probes carr
 from __future__ import annotations
 
 import hashlib
-import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,9 @@ import grpc
 
 from server.config import ServerConfig
 from server.errors import Kind, RequestError
-from server.status import code_for
 from splitedge.errors import SplitedgeError
 
 TOKEN_HASH_PREFIX = "sha256:"
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 
 def hash_token(token: str) -> str:
@@ -98,76 +96,3 @@ def certificate_name(context: grpc.aio.ServicerContext) -> str | None:
     """The common name of the client's verified certificate (mutual TLS), if any."""
     names = (context.auth_context() or {}).get("x509_common_name") or []
     return names[0].decode() if names else None
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuse calls without a valid device token (UNAUTHENTICATED); health checks stay open."""
-
-    def __init__(
-        self,
-        tokens: TokenTable,
-        mutual_tls: bool,
-        on_refused: Callable[[str, str], None] | None = None,
-    ):
-        self.tokens, self.mutual_tls = tokens, mutual_tls
-        self._on_refused = on_refused  # (method, code name), e.g. the metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method = details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(OPEN_SERVICES):
-            return handler
-        return _guarded(handler, lambda context: self._check(method, context))
-
-    async def _check(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        try:
-            device = self.tokens.device(context.invocation_metadata() or ())
-            if self.mutual_tls and certificate_name(context) != device:
-                raise RequestError(
-                    Kind.UNAUTHENTICATED,
-                    f"token of device {device!r} used with the certificate of "
-                    f"{certificate_name(context)!r}; each device uses its own",
-                )
-        except RequestError as e:
-            code = code_for(e.kind)
-            if self._on_refused is not None:
-                self._on_refused(method.rsplit("/", 1)[-1], code.name)
-            await context.abort(code, e.message)
-
-
-def _guarded(
-    handler: grpc.RpcMethodHandler, check: Callable[[Any], Awaitable[None]]
-) -> grpc.RpcMethodHandler:
-    """The same handler, with `check(context)` awaited before its behaviour runs."""
-    kinds = {
-        (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    }
-    attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behavior = getattr(handler, attr)
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(arg: Any, context: Any) -> Any:
-            await check(context)
-            async for item in behavior(arg, context):
-                yield item
-
-        wrapped: Any = stream
-    else:
-
-        async def call(arg: Any, context: Any) -> Any:
-            await check(context)
-            return await behavior(arg, context)
-
-        wrapped = call
-    return make(  # type: ignore[no-any-return]
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # from a lone request on an idle server (~50 us) to a queue a whole deadline long
@@ -52,6 +51,9 @@ class Metrics:
             registry=r,
         )
         self.open_streams = Gauge("splitedge_open_streams", "ActStream calls now open", registry=r)
+        self.health_watches = Gauge(
+            "splitedge_health_watches", "grpc.health.v1 Watch streams now open", registry=r
+        )
         self.sessions = Gauge(
             "splitedge_sessions",
             "Connected sessions: those that called in the last 60 s",
@@ -67,7 +69,6 @@ class Metrics:
             registry=r,
         )
         self.serving.set(1)
-        self._http: Any = None
 
     def describe_bundle(self, name: str, version: str, digest: str) -> None:
         """Record which bundle this server serves."""
@@ -93,15 +94,6 @@ class Metrics:
 
         return observe
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Start GET /metrics on host:port (0 = a free port); returns the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        """Stop the HTTP endpoint, if any."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+    def render(self) -> bytes:
+        """Every metric in Prometheus' text format (what GET /metrics answers)."""
+        return bytes(generate_latest(self.registry))

@@ -24,10 +24,12 @@ from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from server.batcher import DynamicBatcher, Result
 from server.config import ServerConfig
-from server.errors import Kind, RequestError
+from server.errors import Kind, RequestError, echo
+from server.logs import events
 from server.loop_bridge import BatcherClosed, LoopBridge
 from server.metrics import Metrics
 from server.models import PolicyModels, Spec
+from server.reaper import Reaper
 from server.sessions import Sessions, bundle_key
 from server.status import code_for
 from server.validation import (
@@ -41,6 +43,7 @@ from server.validation import (
 log = logging.getLogger(__name__)
 UINT32_MAX = 2**32 - 1
 DRAINING = "server is shutting down; reconnect (another replica will answer)"
+LOUD_CODES = ("UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "INTERNAL")  # logged as warnings
 
 
 def tensor_spec(spec: Spec) -> pb.TensorSpec:
@@ -54,13 +57,15 @@ def tensor_spec(spec: Spec) -> pb.TensorSpec:
 
 
 def _short(digest: str) -> str:
-    return f"{digest[:12]}…" if len(digest) > 12 else (digest or "(none)")
+    return f"{echo(digest[:12])}…" if len(digest) > 12 else (echo(digest) or "(none)")
 
 
 def check_split_hello(request: pb.HelloRequest, models: PolicyModels) -> None:
     """Refuse a split-mode Hello whose encoder digest or feature spec (shape, dtype and, for
     uint8, scale/zero_point) differs from the bundle's."""
-    client_bundle = f"bundle {request.bundle_name or '?'} {request.bundle_version or '?'}"
+    client_bundle = (
+        f"bundle {echo(request.bundle_name or '?')} {echo(request.bundle_version or '?')}"
+    )
     server_bundle = f"bundle {models.name} {models.version}"
     if request.encoder_digest != models.digest:
         raise RequestError(
@@ -140,6 +145,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         self._started, self._cpu0 = time.monotonic(), time.process_time()
         self._draining = False
         self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a request
+        # ends streams idle past cfg.stream_idle_s and unary calls past cfg.unary_deadline_s
+        self.reaper = Reaper(min(cfg.stream_idle_s, cfg.unary_deadline_s) / 4)
 
     @classmethod
     def from_config(cls, cfg: ServerConfig) -> PolicyServicer:
@@ -149,9 +156,11 @@ class PolicyServicer(pb_grpc.PolicyServicer):
     # -- plain functions the RPCs translate ---------------------------------------------------
     def hello(self, request: pb.HelloRequest) -> pb.HelloReply:
         """Open a session after checking the client's encoder against the bundle (split mode)."""
+        if self._draining:  # a new session belongs on a replica that will keep serving it
+            raise RequestError(Kind.UNAVAILABLE, DRAINING)
         if request.mode not in (pb.MODE_SPLIT, pb.MODE_RAW):
             raise RequestError(
-                Kind.INVALID, f"unknown mode {request.mode}; use MODE_SPLIT or MODE_RAW"
+                Kind.INVALID, f"unknown mode {echo(request.mode)}; use MODE_SPLIT or MODE_RAW"
             )
         if request.mode == pb.MODE_SPLIT:
             check_split_hello(request, self.models)
@@ -253,6 +262,14 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         except Exception as e:
             await self._refuse(context, e, "Hello")
         self.metrics.answered("Hello")
+        events.event(
+            "hello",
+            logging.INFO,
+            "session opened",
+            mode="raw" if request.mode == pb.MODE_RAW else "split",
+            client_id=echo(request.client_id) or "-",
+            peer=context.peer(),
+        )
         return reply
 
     async def Act(self, request: pb.ActRequest, context: grpc.aio.ServicerContext) -> pb.ActReply:  # noqa: N802
@@ -267,7 +284,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> None:
         # One request at a time; a bad message ends this stream with its status, other
-        # streams never notice. While draining, a stream ends (UNAVAILABLE) as soon as it has
+        # streams never notice. A stream idle for cfg.stream_idle_s is closed (the reaper
+        # cancels its read). While draining, a stream ends (UNAVAILABLE) as soon as it has
         # no request in flight, so shutdown need not wait out the grace period on idle streams.
         task = asyncio.current_task()
         assert task is not None
@@ -275,14 +293,25 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         try:
             while not self._draining:
                 self._idle_streams.add(task)
+                self.reaper.arm(task, self.cfg.stream_idle_s)
                 try:
                     request = await context.read()
                 except asyncio.CancelledError:
+                    if self.reaper.reaped(task):
+                        idle = RequestError(
+                            Kind.IDLE,
+                            f"no request for {self.cfg.stream_idle_s:g} s; "
+                            "open a new stream when needed",
+                        )
+                        await self._refuse(context, idle, "ActStream")
                     if not self._draining:
                         raise  # the client went away or its deadline passed
                     break
+                except RequestError as e:  # not a valid ActRequest (server/guard.py)
+                    await self._refuse(context, e, "ActStream")
                 finally:
                     self._idle_streams.discard(task)
+                    self.reaper.disarm(task)
                 if request is grpc.aio.EOF:
                     return
                 try:
@@ -303,12 +332,20 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             error = RequestError(
                 Kind.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
             )
-        code = code_for(error.kind)
-        with self._lock:
-            self._errors[code.name] += 1
-        self.metrics.answered(method, code.name)
-        await context.abort(code, error.message)
+        self.refused(method, error)
+        await context.abort(code_for(error.kind), error.message)
         raise AssertionError("context.abort returned")  # it raises; this keeps the types honest
+
+    def refused(self, method: str, error: RequestError) -> None:
+        """Count one refused call (stats, metrics) and log it (rate-limited per code)."""
+        code = code_for(error.kind).name
+        with self._lock:
+            self._errors[code] += 1
+        self.metrics.answered(method, code)
+        level = logging.WARNING if code in LOUD_CODES else logging.INFO
+        events.event(
+            f"refused.{code}", level, "call refused", method=method, code=code, why=error.message
+        )
 
     # -- lifecycle and counters -------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -349,9 +386,8 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         }
 
     def close(self) -> None:
-        """Answer what is queued, then stop the batcher and decoder threads and the metrics endpoint."""
+        """Answer what is queued, then stop the batcher and decoder threads."""
         self.head.close()
         self.full.close()
         if self._decoders is not None:
             self._decoders.shutdown(wait=True)
-        self.metrics.close()

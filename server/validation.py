@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from protos import policy_pb2 as pb
-from server.errors import Kind, RequestError
+from server.errors import Kind, RequestError, echo
 from server.models import Spec
 from splitedge.frame_images import image_mode_and_height, stacks_planes
 
@@ -60,7 +60,7 @@ def _codec_name(codec: int) -> str:
 def _check_shape(t: pb.Tensor, spec: Spec, what: str) -> None:
     if tuple(t.shape) != spec.shape:
         raise _invalid(
-            f"{what} shape {list(t.shape)} != expected {list(spec.shape)} "
+            f"{what} shape {echo(list(t.shape))} != expected {list(spec.shape)} "
             "(one sample, no batch dimension)"
         )
 
@@ -169,7 +169,9 @@ def decode_frame(data: bytes, codec: str, spec: Spec) -> np.ndarray:
     except UnidentifiedImageError:
         raise _invalid(f"data is not a {codec} image (its header is not {codec})") from None
     except Exception as e:  # Pillow raises many types for hostile bytes; all mean "bad image"
-        raise _invalid(f"data is not a valid {codec} image ({type(e).__name__}: {e})") from None
+        raise _invalid(
+            f"data is not a valid {codec} image ({type(e).__name__}: {echo(e)})"
+        ) from None
     if stacked:
         return np.ascontiguousarray(hwc.reshape(c, h, w))
     chw = hwc[None] if hwc.ndim == 2 else hwc.transpose(2, 0, 1)

@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from edge.channel import resolve_target
+from server.health import LIVENESS
 from splitedge.cli import build_parser
 from splitedge.commands.certs import make_certs
-from splitedge.commands.serve import config_from_args
+from splitedge.commands.serve import LIMITS, config_from_args
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -61,8 +62,32 @@ def test_container_args_are_a_valid_serve_command(docs: dict[str, dict[str, Any]
     assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", ports["grpc"], ports["metrics"])
     cfg = config_from_args(args)
     assert cfg.tls and cfg.client_ca is not None and cfg.tokens is not None
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert _container(docs)[probe]["httpGet"]["port"] in ports
+    # readiness: /ready on the metrics port (503 once draining); liveness: plaintext gRPC
+    # health, service "liveness" (SERVING until exit, so a draining pod is not restarted)
+    ready, live = _container(docs)["readinessProbe"], _container(docs)["livenessProbe"]
+    assert ready["httpGet"]["path"] == "/ready" and ports[ready["httpGet"]["port"]] == 9100
+    assert live["grpc"] == {"port": args.health_port, "service": LIVENESS}
+    assert args.health_port in ports.values() and args.metrics_host == "0.0.0.0"
+    assert args.metrics_token is not None  # metrics leave the pod: they need a token
+
+
+def test_every_limit_is_set_explicitly(docs: dict[str, dict[str, Any]]) -> None:
+    given = {a.split("=", 1)[0] for a in _container(docs)["args"]}
+    assert {flag for flag, *_ in LIMITS} - {"--max-message-bytes", "--max-sessions"} <= given
+
+
+def test_manifests_pass_a_kubernetes_schema_validator() -> None:
+    import kubernetes_validate  # the dev extra installs it
+
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:  # raises ValidationError naming the field; strict: no unknown fields
+                kubernetes_validate.validate(doc, "1.37", strict=True)
+    broken = yaml.safe_load_all((K8S / "policy-server.yaml").read_text())
+    deployment = next(d for d in broken if d and d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "x"
+    with pytest.raises(kubernetes_validate.ValidationError):  # it really checks the schema
+        kubernetes_validate.validate(deployment, "1.37", strict=True)
 
 
 def test_secret_files_are_what_splitedge_certs_writes(

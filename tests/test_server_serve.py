@@ -163,7 +163,7 @@ def test_config_defaults() -> None:
         cfg.workers,
         cfg.grace_s,
         cfg.ort_threads,
-    ) == (64, 0.0, 4 << 20, 32, 5.0, 1)
+    ) == (64, 0.0, None, 32, 5.0, 1)  # None: derived from the bundle (server/limits.py)
     assert ServerConfig(bundle=Path("b"), host="::1", port=5).address == "[::1]:5"
 
 

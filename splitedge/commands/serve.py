@@ -1,4 +1,4 @@
-"""`splitedge serve`: run the policy server for one bundle until SIGTERM or Ctrl-C."""
+"""`splitedge serve`: run the policy server for one bundle until SIGTERM, SIGHUP or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,6 +9,46 @@ from typing import Any
 
 from splitedge.output import emit
 
+# (flag, type, default, help) of every limit, in ServerConfig's names; defaults must match it
+# (tests/test_server_limits.py checks)
+LIMITS: list[tuple[str, type, Any, str]] = [
+    ("--max-message-bytes", int, None,
+     "largest request accepted (default: derived from the bundle: twice its largest valid "
+     "request + 4 KiB, at least 16 KiB)"),
+    ("--max-sessions", int, 10_000, "sessions remembered for stats (default: %(default)s)"),
+    ("--max-connections", int, 1000,
+     "open client connections; more are closed on arrival (lowered to fit `ulimit -n`; "
+     "default: %(default)s)"),
+    ("--max-streams-per-connection", int, 100,
+     "concurrent calls per HTTP/2 connection (default: %(default)s)"),
+    ("--max-rpcs", int, 5_000,
+     "calls open at once, all connections together; more get RESOURCE_EXHAUSTED "
+     "(default: %(default)s)"),
+    ("--max-connection-idle-s", float, 300.0,
+     "close a connection with no call for this long (default: %(default)s)"),
+    ("--max-connection-age-s", float, 3600.0,
+     "ask a connection to reconnect after this long; 0 = never (default: %(default)s)"),
+    ("--max-connection-age-grace-s", float, 60.0,
+     "time its calls then get to finish (default: %(default)s)"),
+    ("--keepalive-s", float, 120.0,
+     "ping a quiet connection after this long to find dead peers (default: %(default)s)"),
+    ("--keepalive-timeout-s", float, 20.0,
+     "close it if the ping is not answered within this (default: %(default)s)"),
+    ("--min-client-ping-s", float, 20.0,
+     "clients may ping at most this often; faster pings close the connection "
+     "(default: %(default)s)"),
+    ("--handshake-s", float, 10.0,
+     "time a new connection gets for TLS and the HTTP/2 preface (default: %(default)s)"),
+    ("--stream-idle-s", float, 300.0,
+     "close a stream with no request for this long (UNAVAILABLE; clients reopen it) "
+     "(default: %(default)s)"),
+    ("--unary-deadline-s", float, 30.0,
+     "the server's deadline for a unary call, body included, when the client's is longer "
+     "or unset (default: %(default)s)"),
+    ("--max-health-watches", int, 1000,
+     "open grpc.health.v1 Watch streams (default: %(default)s)"),
+]  # fmt: skip
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the policy server for a bundle",
         description="Serve a policy bundle over gRPC (splitedge.v1.Policy, with "
         "grpc.health.v1 and reflection): split clients send features, raw clients "
-        "send frames. Blocks until SIGTERM or Ctrl-C, then drains and exits 0.",
+        "send frames. Blocks until SIGTERM, SIGHUP or Ctrl-C, then drains and exits 0.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     p.add_argument(
@@ -60,14 +100,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokens",
         type=Path,
-        help="per-device bearer tokens file (from `splitedge certs`): calls need a valid one",
+        help="per-device bearer tokens file (from `splitedge certs`): calls need a valid one, "
+        "checked before a request's body is read",
     )
-    p.add_argument(
+    limits = p.add_argument_group("limits (each bounds what one client can hold)")
+    for flag, kind, default, text in LIMITS:
+        limits.add_argument(flag, type=kind, default=default, help=text)
+    m = p.add_argument_group("metrics and probes")
+    m.add_argument(
         "--metrics-port",
         type=int,
         default=None,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; default: off)",
+        help="serve Prometheus /metrics, /ready (503 while draining) and /live over HTTP "
+        "on this port (0 = a free port; default: off)",
     )
+    m.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default: %(default)s: this machine only)",
+    )
+    m.add_argument(
+        "--metrics-token",
+        type=Path,
+        help="file holding a bearer token that /metrics requires (default: none)",
+    )
+    m.add_argument(
+        "--metrics-tls",
+        action="store_true",
+        help="serve the metrics endpoint over HTTPS with --tls-cert/--tls-key",
+    )
+    m.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also serve grpc.health.v1 alone in plaintext on this port, for probes that "
+        "cannot speak TLS (service 'liveness' stays SERVING while draining; default: off)",
+    )
+    g = p.add_argument_group("logging")
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="server log verbosity, to stderr (default: %(default)s)",
+    )
+    g.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--json", action="store_true", help="print the startup line as JSON")
     p.set_defaults(func=run)
 
@@ -77,6 +153,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from server.config import ServerConfig
     from splitedge.errors import SplitedgeError
 
+    limits = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, *_ in LIMITS
+    }
     try:
         return ServerConfig(
             bundle=args.bundle,
@@ -91,6 +170,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
             client_ca=args.client_ca,
             tokens=args.tokens,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            metrics_token=args.metrics_token,
+            metrics_tls=args.metrics_tls,
+            health_port=args.health_port,
+            log_level=args.log_level,
+            log_json=args.log_json,
+            **limits,
         )
     except ValueError as e:
         raise SplitedgeError(f"bad server option: {e}") from e
@@ -98,14 +184,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from server.app import serve
+    from server.logs import configure
 
     cfg = config_from_args(args)
+    configure(cfg.log_level, cfg.log_json)
 
     def ready(servicer: Any, server: Any) -> None:
         m, port = servicer.models, server.port
         security = "mtls" if cfg.client_ca else "tls" if cfg.tls else "plaintext"
+        scheme = "https" if cfg.metrics_tls else "http"
         metrics = (
-            f"http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else None
+            f"{scheme}://{cfg.metrics_host}:{server.metrics_port}/metrics"
+            if server.metrics_port
+            else None
         )
         result = {
             "name": m.name,
@@ -119,10 +210,14 @@ def run(args: argparse.Namespace) -> int:
             "security": security,
             "tokens": cfg.tokens is not None,
             "metrics": metrics,
+            "health_port": server.health_port,
+            "max_request_bytes": server.max_request,
+            "max_connections": server.max_connections,
         }
         extras = [{"mtls": "mutual TLS", "tls": "TLS"}[security]] if security != "plaintext" else []
         extras += ["device tokens"] if cfg.tokens is not None else []
         extras += [f"metrics {metrics}"] if metrics else []
+        extras += [f"plaintext health on port {server.health_port}"] if server.health_port else []
         emit(
             result,
             args.json,
