@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos import policy_pb2 as pb
@@ -85,3 +86,125 @@ def test_metrics_count_what_was_sent(tiny_bundle: Path) -> None:
     assert value(m, "splitedge_serving") == 1
     info = [k for k in m if k[0] == "splitedge_bundle_info"]
     assert len(info) == 1 and dict(info[0][1])["name"] == "tiny-cartpole"
+
+
+def _get(url: str, **headers: str) -> tuple[int, str]:
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=T) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read().decode()
+
+
+def test_a_thousand_idle_connections_cost_no_threads(tiny_bundle: Path) -> None:
+    """The endpoint is one event loop: idle connections hold a descriptor for at most its
+    5 s request timeout, past its cap of 64 they are closed on arrival, and no thread is
+    made for any of them (the old one-thread-per-connection server made 1,015)."""
+    import socket
+    import threading
+    import time
+
+    import psutil
+
+    s = start(tiny_bundle, metrics_port=0)
+    me = psutil.Process()
+    try:
+        port = s.server.metrics_port
+        threads = me.num_threads()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(1000)]
+        time.sleep(0.5)
+        during = me.num_threads()
+        assert s.stub.Hello is not None and session(s) > 0  # gRPC unaffected meanwhile
+        t0 = time.monotonic()
+        while True:  # served again once the idle ones time out (5 s), well within 10x
+            try:
+                status, _ = _get(f"http://127.0.0.1:{port}/metrics")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() - t0 < 50
+            time.sleep(0.25)
+        waited = time.monotonic() - t0
+        for sock in idle:
+            sock.close()
+    finally:
+        stop(s)
+    print(
+        f"\nthreads {threads} -> {during} with 1000 idle metrics connections; scrape OK after {waited:.1f} s"
+    )
+    assert during <= threads + 1 and threading.active_count() < 100
+
+
+def test_ready_turns_503_the_moment_drain_starts(tiny_bundle: Path) -> None:
+    s = start(tiny_bundle, metrics_port=0)
+    try:
+        base = f"http://127.0.0.1:{s.server.metrics_port}"
+        assert _get(f"{base}/ready") == (200, "ready\n") and _get(f"{base}/live")[0] == 200
+        done = s.server.stop(5.0)  # drain starts; the listener stays for its settle time
+        status = [_get(f"{base}/ready")[0] for _ in range(3)]
+        assert 503 in status and status[-1] == 503, status
+        assert value(scrape(s.server.metrics_port), "splitedge_serving") == 0
+        assert done.wait(T)
+    finally:
+        stop(s)
+
+
+def test_metrics_token_and_tls(tiny_bundle: Path, tmp_path: Path) -> None:
+    import ssl
+
+    from splitedge.commands.certs import make_certs
+
+    make_certs(tmp_path, ["pi-01"], [])
+    (tmp_path / "metrics.token").write_text("s3cret\n")
+    s = start(tiny_bundle, metrics_port=0, metrics_token=tmp_path / "metrics.token",
+              metrics_tls=True, tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.key")  # fmt: skip
+    try:
+        base = f"https://localhost:{s.server.metrics_port}"
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+        urllib.request.install_opener(opener)
+        assert _get(f"{base}/metrics")[0] == 401
+        assert _get(f"{base}/metrics", Authorization="Bearer wrong")[0] == 401
+        status, text = _get(f"{base}/metrics", Authorization="Bearer s3cret")
+        assert status == 200 and "splitedge_serving 1.0" in text
+        assert _get(f"{base}/ready")[0] == 200  # probes need no token
+        with pytest.raises(OSError):  # plain HTTP to the TLS endpoint
+            urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/ready", timeout=T)
+    finally:
+        urllib.request.install_opener(urllib.request.build_opener())
+        stop(s)
+
+
+def test_metrics_listen_on_loopback_by_default_and_bind_errors_name_the_cause(
+    tiny_bundle: Path,
+) -> None:
+    import errno
+    import socket
+    import subprocess
+    import sys
+
+    from server.config import ServerConfig
+    from server.http import bind_failure
+    from tests.conftest import ROOT
+
+    assert ServerConfig(bundle=tiny_bundle).metrics_host == "127.0.0.1"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "splitedge", "serve", "--bundle", str(tiny_bundle),
+             "--port", "0", "--metrics-port", str(port)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert f"cannot listen on 127.0.0.1:{port} (the port is in use" in line, r.stderr
+    denied = bind_failure(
+        "0.0.0.0", 80, PermissionError(errno.EACCES, "Permission denied"), "--metrics-port"
+    )
+    assert "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE" in str(denied)
+    assert "in use" not in str(denied)
