@@ -37,10 +37,12 @@ log = logging.getLogger("splitedge.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Policy"].full_name  # "splitedge.v1.Policy"
 T = TypeVar("T")
 GIL_SWITCH_S = 0.0005
-# After drain starts, calls gRPC has accepted but not yet handed to us still reach the
-# servicer for this long (Act is answered, Hello and new streams get UNAVAILABLE) before the
-# listener stops: gRPC cancels calls it holds unhanded at that moment.
-SETTLE_S = 0.5
+# Drain in three steps, because gRPC cancels (CANCELLED, not retryable) the calls it holds
+# but has not handed to us when the listener stops: first, for SETTLE_S, calls keep reaching
+# the servicer (Act is answered, so every call in flight at the signal completes; Hello and
+# new streams get UNAVAILABLE); then new calls get UNAVAILABLE from their headers until none
+# has arrived for QUIET_S (at most SETTLE_S more), so clients have gone elsewhere; then stop.
+SETTLE_S, QUIET_S = 0.5, 0.05
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -89,8 +91,9 @@ class PolicyServer:
         cfg = self.cfg
         tokens = TokenTable.load(cfg.tokens) if cfg.tokens is not None else None
         credentials = server_credentials(cfg)
+        self.guard = self._guard(tokens)
         server = grpc.aio.server(
-            interceptors=[self._guard(tokens)],
+            interceptors=[self.guard],
             options=grpc_options(cfg, self.max_request, self.max_connections),
             maximum_concurrent_rpcs=cfg.max_rpcs,
         )
@@ -139,8 +142,9 @@ class PolicyServer:
 
     def stop(self, grace: float | None) -> threading.Event:
         """Drain: health NOT_SERVING and /ready 503, no new sessions or streams, idle streams
-        end; after SETTLE_S (within grace) stop listening and let in-flight calls finish for
-        the rest of `grace` seconds; `.wait()` on the result."""
+        end; after SETTLE_S, new calls are refused until quiet (see SETTLE_S); then stop
+        listening and let in-flight calls finish within `grace` seconds in all; `.wait()` on
+        the result."""
         done = threading.Event()
         if self.loop.is_closed():
             done.set()
@@ -150,10 +154,16 @@ class PolicyServer:
             # one step on the loop: no new call can slip in between NOT_SERVING and the drain
             await self.health.enter_graceful_shutdown()
             self.servicer.begin_drain()
-            settle = min(SETTLE_S, grace or 0.0)
+            loop = asyncio.get_running_loop()
+            start, settle = loop.time(), min(SETTLE_S, (grace or 0.0) / 4)
             if settle:
                 await asyncio.sleep(settle)
-            await self.server.stop(None if grace is None else grace - settle)
+                self.guard.closing = True
+                until = start + 2 * settle
+                while loop.time() < until and loop.time() - self.guard.last_call < QUIET_S:
+                    await asyncio.sleep(QUIET_S / 2)
+            left = None if grace is None else max(0.0, grace - (loop.time() - start))
+            await self.server.stop(left)
             if self._probe_server is not None:
                 await self._probe_server.stop(None)
             self.servicer.reaper.stop()

@@ -7,6 +7,7 @@ from typing import Any
 
 ECHO_CHARS = 120  # the most of any client-sent value a message repeats back
 MESSAGE_CHARS = 1024  # a whole status message: far under gRPC's 8 KiB trailer budget
+DRAINING = "server is shutting down; reconnect (another replica will answer)"
 
 
 class Kind(str, Enum):

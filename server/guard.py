@@ -11,6 +11,8 @@ before gRPC reads its body.
   answer would be UNKNOWN with the exception's text), unary or mid-stream.
 - Iterator-driven streams (reflection) are closed after stream_idle_s without a request;
   ActStream does the same itself (server/servicer.py).
+- Late in a drain (`closing`), new calls are refused UNAVAILABLE from their headers, so that
+  clients go elsewhere before the listener stops (server/app.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server.auth import TokenTable, certificate_name
-from server.errors import Kind, RequestError, echo
+from server.errors import DRAINING, Kind, RequestError, echo
 from server.reaper import Reaper
 from server.status import code_for
 
@@ -53,6 +55,8 @@ class Guard(grpc.aio.ServerInterceptor):
         self.unary_deadline_s, self.stream_idle_s = unary_deadline_s, stream_idle_s
         self._refused = refused
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # known methods only
+        self.closing = False  # set late in a drain: new calls get UNAVAILABLE (retry elsewhere)
+        self.last_call = 0.0  # loop time of the latest call to arrive
 
     async def intercept_service(
         self,
@@ -60,6 +64,9 @@ class Guard(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method  # type: ignore[attr-defined]
+        self.last_call = asyncio.get_running_loop().time()
+        if self.closing and not method.startswith(OPEN_SERVICES):
+            return self._refusal(method, RequestError(Kind.UNAVAILABLE, DRAINING))
         guarded = self.tokens is not None and not method.startswith(OPEN_SERVICES)
         if guarded:
             try:

@@ -24,7 +24,7 @@ from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from server.batcher import DynamicBatcher, Result
 from server.config import ServerConfig
-from server.errors import Kind, RequestError, echo
+from server.errors import DRAINING, Kind, RequestError, echo
 from server.logs import events
 from server.loop_bridge import BatcherClosed, LoopBridge
 from server.metrics import Metrics
@@ -42,7 +42,6 @@ from server.validation import (
 
 log = logging.getLogger(__name__)
 UINT32_MAX = 2**32 - 1
-DRAINING = "server is shutting down; reconnect (another replica will answer)"
 LOUD_CODES = ("UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "INTERNAL")  # logged as warnings
 
 
