@@ -316,3 +316,30 @@ def test_multi_input_policy_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert "MultiInputPolicy" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "b").exists()
+
+
+def test_frames_file_replaces_the_env(
+    user_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stable_baselines3 import PPO
+
+    from splitedge.cli import main
+
+    model = _decisive(PPO("CnnPolicy", user_env.DotTrack(), n_steps=64, seed=0))
+    model.save(tmp_path / "model.zip")
+    chw = observations(user_env, continuous=False, n=240, seed=3)
+    np.save(tmp_path / "hwc.npy", chw.transpose(0, 2, 3, 1))  # (N, H, W, C) is read too
+    np.save(tmp_path / "few.npy", chw[:50])
+    np.save(tmp_path / "float.npy", chw.astype(np.float32))
+    base = ["export", "--model", str(tmp_path / "model.zip"), "--out", str(tmp_path / "b")]
+    for name, message in (
+        ("few.npy", "50 observations; the self-check needs at least 200"),
+        ("float.npy", "dtype float32; observations must be uint8"),
+    ):
+        assert main([*base, "--frames", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()
+    assert main([*base, "--frames", str(tmp_path / "hwc.npy")]) == 0
+    policy = load_bundle(tmp_path / "b").manifest["policy"]
+    assert policy["env"] is None and policy["calibration"]["source"] == "frames hwc.npy"
+    assert policy["agreement"]["ort"] == {"observations": 200, "agree": 1.0}
