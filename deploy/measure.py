@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.cell_store import CellStore
 from deploy.clients import ClientGroup
 from deploy.link import netns
 from deploy.link.kernel import BackendChoice, choose_backend, open_link
@@ -109,6 +110,10 @@ class Cell:
     decisions_s: float = 0.0
     server_cpu_ms: float = 0.0  # server process CPU per decision, its idle rate taken out
 
+    def latencies(self) -> list[float]:
+        """Per-step decision latency of the steps that did not fall back."""
+        return [r.total_ms for r in self.records if not r.fallback]
+
     def row(self) -> dict[str, Any]:
         s = self.summary
         return {
@@ -141,7 +146,7 @@ class Cell:
 class Sweep:
     """Every cell of a sweep and the link backend that shaped it."""
 
-    cells: list[Cell]
+    cells: list[Any]  # Cell, or StoredCell for a cell resumed from an earlier run
     backend: BackendChoice
     notes: list[str] = field(default_factory=list)
     env: str = ""  # the env the edge clients ran
@@ -288,17 +293,37 @@ def shaped_server(
         yield stack.enter_context(server), pair
 
 
-def measure(cfg: MeasureConfig, progress: bool = True) -> Sweep:
-    """Run every (link, mode, clients) cell against one policy server process."""
+def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None = None) -> Sweep:
+    """Run every (link, mode, clients) cell against one policy server process.
+
+    With a store, --out is checked writable before anything starts, each finished cell is
+    written as it completes, and cells a previous run of the same sweep finished are reused."""
     profiles = check_links(cfg)
     env = check_env(cfg.bundle, cfg.env, cfg.env_kwargs)
     choice = choose_backend(cfg.link_backend)
     sweep = Sweep([], choice, env=env)
-    total = sum(
-        n * steps_per_client(cfg.steps, n) * len(cfg.modes)
-        for p in profiles
-        for n in cfg.clients_for(p.name)
-    )
+    if store is not None:
+        store.open()
+        store.sweep = sweep
+    manifest = load_bundle(cfg.bundle).manifest
+    plan = []  # (profile, mode, clients, key, fingerprint) of the cells still to measure
+    for p in profiles:
+        for mode in cfg.modes:
+            for n in cfg.clients_for(p.name):
+                key, fp = f"{p.name}/{mode}/x{n}", cell_fingerprint(cfg, manifest, choice.name, p)
+                old = store.lookup(key, fp) if store is not None else None
+                if old is not None:
+                    sweep.cells.append(old)
+                else:
+                    plan.append((p, mode, n, key, fp))
+    if store is not None and store.resumed:
+        sweep.notes.append(
+            f"resumed {store.resumed} cell(s) finished earlier from {store.path}; "
+            f"measured {len(plan)}"
+        )
+    if not plan:
+        return sweep
+    total = sum(n * steps_per_client(cfg.steps, n) for _, _, n, _, _ in plan)
     bar = _progress(total, progress)
     try:
         root = load_bundle(cfg.bundle).root
@@ -308,26 +333,45 @@ def measure(cfg: MeasureConfig, progress: bool = True) -> Sweep:
             sweep.notes.append(
                 f"server idle CPU {1e3 * idle:.1f} ms/s, subtracted from server_cpu_ms"
             )
-            for profile in profiles:
+            for profile in dict.fromkeys(p for p, *_ in plan):
                 with open_link(choice.name, profile, (host, int(port)), pair, cfg.seed) as link:
-                    for mode in cfg.modes:
-                        for n in cfg.clients_for(profile.name):
-                            bar.set_description(f"{profile.name}/{mode}/x{n}")
-                            sweep.cells.append(
-                                measure_cell(
-                                    server,
-                                    link,
-                                    profile,
-                                    mode,
-                                    n,
-                                    cfg,
-                                    lambda _: bar.update(1),
-                                    idle,
-                                )  # fmt: skip
-                            )
+                    for _, mode, n, key, fp in (c for c in plan if c[0] == profile):
+                        bar.set_description(f"{profile.name}/{mode}/x{n}")
+                        cell = measure_cell(
+                            server, link, profile, mode, n, cfg, lambda _: bar.update(1), idle
+                        )
+                        sweep.cells.append(cell)
+                        if store is not None:
+                            store.add(key, fp, cell)
     finally:
         bar.close()
+    order = {(c.link, c.mode, c.clients): i for i, c in enumerate(_planned(cfg, profiles))}
+    sweep.cells.sort(key=lambda c: order[(c.link, c.mode, c.clients)])
     return sweep
+
+
+def _planned(cfg: MeasureConfig, profiles: list[LinkProfile]) -> list[Any]:
+    """Every cell of the sweep as (link, mode, clients) holders, in sweep order."""
+    from types import SimpleNamespace
+
+    return [
+        SimpleNamespace(link=p.name, mode=m, clients=n)
+        for p in profiles
+        for m in cfg.modes
+        for n in cfg.clients_for(p.name)
+    ]
+
+
+def cell_fingerprint(
+    cfg: MeasureConfig, bundle: dict[str, Any], link_backend: str, profile: LinkProfile
+) -> dict[str, Any]:
+    """What a cell's numbers depend on: a stored cell is reused only if all of it matches."""
+    return {
+        "bundle": [bundle.get("name"), bundle.get("version"), bundle.get("files")],
+        "steps": cfg.steps, "warmup": cfg.warmup, "backend": cfg.backend, "rpc": cfg.rpc,
+        "deadline_s": cfg.deadline_s, "seed": cfg.seed, "env": cfg.env,
+        "env_kwargs": cfg.env_kwargs, "link_backend": link_backend, "profile": asdict(profile),
+    }  # fmt: skip
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -336,7 +380,7 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def cell_key(c: Cell) -> str:
+def cell_key(c: Any) -> str:
     """The cell's name in latencies_ms: link/mode, with /xN for N > 1 clients."""
     return f"{c.link}/{c.mode}" + (f"/x{c.clients}" if c.clients > 1 else "")
 
@@ -355,7 +399,5 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
         "encoder": cells[0].encoder if cells else "",
         "profiles": {p: asdict(get_profile(p)) for p in cfg.links},
         "rows": [c.row() for c in cells],
-        "latencies_ms": {
-            cell_key(c): [r.total_ms for r in c.records if not r.fallback] for c in cells
-        },
+        "latencies_ms": {cell_key(c): c.latencies() for c in cells},
     }

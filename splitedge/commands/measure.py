@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="first check every available link backend against theory (28 KB and 512 B "
         "over 1 Mbit/s, 20 ms) and include the result",
     )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="measure every cell again, ignoring cells a stopped run left in --out/cells.jsonl "
+        "(default: reuse those measured with the same settings)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
@@ -86,6 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deploy import report
+    from deploy.cell_store import CellStore, check_writable
     from deploy.measure import MeasureConfig, cells_to_json, measure
 
     try:
@@ -109,12 +117,32 @@ def run(args: argparse.Namespace) -> int:
         env=args.env,
         env_kwargs=env_kwargs(args.env_kwargs),
     )
+    store = CellStore(args.out, resume=not args.no_resume)
+    if args.self_check:
+        check_writable(args.out)  # before minutes of self-check, not after
     checks = self_check_all() if args.self_check else []
-    sweep = measure(cfg, progress=not args.no_progress)
+    try:
+        sweep = measure(cfg, progress=not args.no_progress, store=store)
+    except KeyboardInterrupt:
+        kept = _write_partial(store, cfg, checks)
+        print(
+            f"splitedge: interrupted; {kept} finished cell(s) kept in {args.out} "
+            "(results.json, cells.jsonl); rerun the same command to measure the rest",
+            file=sys.stderr,
+        )
+        return 130
+    except SplitedgeError as e:
+        kept = _write_partial(store, cfg, checks)
+        if not kept:
+            raise
+        raise SplitedgeError(
+            f"{e}; {kept} finished cell(s) kept in {args.out}, a rerun measures the rest"
+        ) from None
     doc = cells_to_json(sweep, cfg)
     if checks:
         doc["self_check"] = checks
     paths = report.write(doc, args.out)
+    store.finish()
     if getattr(args, "markdown", None):
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(report.markdown(doc, "splitedge " + " ".join(args.argv)))
@@ -122,6 +150,24 @@ def run(args: argparse.Namespace) -> int:
     text = report.render(doc) + "\nwrote " + ", ".join(str(p) for p in paths)
     emit({k: v for k, v in doc.items() if k != "latencies_ms"}, args.json, text)
     return 0
+
+
+def _write_partial(store: Any, cfg: Any, checks: list[dict[str, Any]]) -> int:
+    """Write results.json/csv from the cells finished so far; how many there are."""
+    from deploy import report
+    from deploy.measure import cells_to_json
+
+    if store.sweep is None or not store.sweep.cells:
+        return 0
+    doc = cells_to_json(store.sweep, cfg)
+    doc["partial"] = True
+    if checks:
+        doc["self_check"] = checks
+    try:
+        report.write(doc, store.out)
+    except Exception:  # the cells are in cells.jsonl already; plots are a nicety here
+        pass
+    return len(store.sweep.cells)
 
 
 def self_check_all() -> list[dict[str, Any]]:

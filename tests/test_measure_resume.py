@@ -1,0 +1,109 @@
+"""Nothing measured is lost: --out checked before the sweep, cells kept on Ctrl-C, reruns resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from splitedge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "models" / "zoo" / "cartpole-ppo"
+
+
+def _argv(out: Path) -> list[str]:
+    # wifi finishes in well under a second; 3g's 300 ms round trips keep the second cell busy
+    return ["measure", "--bundle", str(ZOO), "--links", "wifi,3g", "--modes", "split",
+            "--steps", "5", "--warmup", "1", "--link-backend", "proxy", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+
+
+def test_ctrl_c_keeps_finished_cells_and_rerun_measures_only_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitedge", *_argv(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cells = out / "cells.jsonl"
+    deadline = time.monotonic() + 180  # generous: structure, not speed, is under test
+    while not (cells.exists() and cells.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "first cell never finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; 1 finished cell(s) kept in" in err
+    assert "Traceback" not in err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["partial"] is True
+    assert [(r["link"], r["mode"]) for r in doc["rows"]] == [("wifi", "split")]
+    wifi_before = doc["rows"][0]
+    assert len(cells.read_text().splitlines()) == 1
+
+    # the same command again: wifi comes from disk unchanged, only 3g is measured
+    assert main(_argv(out)) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert "partial" not in doc
+    assert [r["link"] for r in doc["rows"]] == ["wifi", "3g"]
+    assert doc["rows"][0] == wifi_before
+    assert any("resumed 1 cell(s)" in n and "measured 1" in n for n in doc["notes"])
+    assert doc["rows"][1]["fallbacks"] == 0 and doc["rows"][1]["steps"] == 5
+    assert not cells.exists()  # complete: a rerun measures afresh
+
+
+def test_a_cell_with_other_settings_is_measured_again(tmp_path: Path) -> None:
+    from deploy.cell_store import CellStore
+
+    store = CellStore(tmp_path)
+    store.open()
+    row = {"link": "wifi", "mode": "split", "clients": 1, "p50_ms": 1.0}
+
+    class Done:
+        link, mode, clients, encoder = "wifi", "split", 1, "ort"
+
+        def row(self) -> dict[str, object]:
+            return row
+
+        def latencies(self) -> list[float]:
+            return [1.0]
+
+    store.add("wifi/split/x1", {"steps": 10}, Done())
+    with (tmp_path / "cells.jsonl").open("a") as f:
+        f.write('{"key": "3g/split/x1", "fing')  # torn by a crash mid-write
+    again = CellStore(tmp_path)
+    again.open()
+    assert again.lookup("wifi/split/x1", {"steps": 20}) is None  # other settings
+    assert again.lookup("3g/split/x1", {"steps": 10}) is None  # torn line dropped
+    cell = again.lookup("wifi/split/x1", {"steps": 10})
+    assert cell is not None and cell.row() == row and cell.latencies() == [1.0]
+    assert CellStore(tmp_path, resume=False).lookup("wifi/split/x1", {"steps": 10}) is None
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_unwritable_out_refused_before_anything_runs(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import deploy.measure as measure
+
+    def no_server(*a: object, **k: object) -> None:
+        raise AssertionError("the sweep started despite an unwritable --out")
+
+    monkeypatch.setattr(measure, "shaped_server", no_server)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = blocker if kind == "file" else blocker / "results"
+    assert main(_argv(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}" in err
+    assert os.path.isfile(blocker)
