@@ -26,7 +26,7 @@ import numpy as np
 from deploy.cell_store import CellStore
 from deploy.clients import ClientGroup
 from deploy.link import netns
-from deploy.link.kernel import BackendChoice, choose_backend, open_link
+from deploy.link.kernel import BackendChoice, choose_backend, open_link, unsupported
 from deploy.link.profiles import LinkProfile, bound_ms, get_profile, refusal
 from deploy.server_process import ServerProcess
 from edge.client import MODES
@@ -60,6 +60,7 @@ class MeasureConfig:
     link_backend: str = "auto"  # auto, netem, tbf, proxy
     env: str | None = None  # id or entry point; None: the bundle's recorded env or task
     env_kwargs: dict[str, Any] | None = None  # None: the bundle's recorded kwargs
+    links_file: Path | None = None  # the user's links TOML; None: deploy/links.toml
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -218,7 +219,7 @@ def measure_cell(
 
 def check_links(cfg: MeasureConfig) -> list[LinkProfile]:
     """The profiles to run; a link that cannot carry a closed loop (LoRa) is refused with why."""
-    profiles = [get_profile(name) for name in cfg.links]
+    profiles = [get_profile(name, cfg.links_file) for name in cfg.links]
     message = _split_message_bytes(cfg.bundle)
     refused = [why for p in profiles if (why := refusal(p, message))]
     if refused:
@@ -301,6 +302,9 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
     profiles = check_links(cfg)
     env = check_env(cfg.bundle, cfg.env, cfg.env_kwargs)
     choice = choose_backend(cfg.link_backend)
+    lacking = [why for p in profiles if (why := unsupported(p, choice.name))]
+    if lacking:
+        raise SplitedgeError("; ".join(lacking))
     sweep = Sweep([], choice, env=env)
     if store is not None:
         store.open()
@@ -397,7 +401,7 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
         "notes": sweep.notes,
         "env": sweep.env,
         "encoder": cells[0].encoder if cells else "",
-        "profiles": {p: asdict(get_profile(p)) for p in cfg.links},
+        "profiles": {p: asdict(get_profile(p, cfg.links_file)) for p in cfg.links},
         "rows": [c.row() for c in cells],
         "latencies_ms": {cell_key(c): c.latencies() for c in cells},
     }

@@ -17,10 +17,11 @@ from typing import Any
 
 from deploy.link import netns, tc
 from deploy.link.process import ProxyProcess, read_line, reap
-from deploy.link.profiles import LinkProfile
+from deploy.link.profiles import PACKET_BYTES, LinkProfile
 from splitedge.errors import SplitedgeError
 
 BACKENDS = ("netem", "tbf", "proxy")
+LOSS_BACKENDS: tuple[str, ...] = ()  # backends that drop packets at a profile's loss_pct
 _FILLER_DEST = {"up": "10.231.9.9", "down": "10.231.8.8"}  # in netns.FILLER_NET_*
 
 
@@ -41,6 +42,23 @@ def unavailable(backend: str) -> str:
     if backend == "proxy":
         return ""
     return netns.capability() or tc.missing(backend)
+
+
+def unsupported(profile: LinkProfile, backend: str) -> str:
+    """What of profile `backend` cannot emulate ('' if all of it), so nothing is silently dropped."""
+    lacks = []
+    if profile.loss_pct and backend not in LOSS_BACKENDS:
+        lacks.append(f"loss_pct {profile.loss_pct:g}")
+    if profile.burst_bytes and backend != "tbf":
+        lacks.append(f"burst_bytes {profile.burst_bytes}")
+    if profile.mtu != PACKET_BYTES and backend == "proxy":
+        lacks.append(f"mtu {profile.mtu}")  # a TCP proxy sees bytes, not packets
+    if not lacks:
+        return ""
+    return (
+        f"link '{profile.name}': the {backend} backend cannot emulate {', '.join(lacks)}; "
+        "use --link-backend tbf (kernel, needs root) or drop those keys"
+    )
 
 
 def choose_backend(requested: str = "auto") -> BackendChoice:
@@ -100,9 +118,11 @@ class KernelLink:
         """Shape both veth ends, start the filler (tbf) and the proxy; undo it all on failure."""
         try:
             p, pair = self.profile, self.pair
+            if p.mtu != PACKET_BYTES:
+                set_mtu(pair, p.mtu)
             tc.shape(pair.edge, netns.EDGE_IF, self.backend, p.up_kbit, p)  # uplink leaves here
             tc.shape(pair.server, netns.SERVER_IF, self.backend, p.down_kbit, p)
-            if self.backend == "tbf":
+            if self.backend == "tbf" and not p.burst_bytes:  # a burst is the user's bucket
                 self._start_filler()
             self._proxy.start()
         except BaseException:
@@ -145,12 +165,20 @@ class KernelLink:
         if self.pair.exists():
             tc.unshape(self.pair.edge, netns.EDGE_IF)
             tc.unshape(self.pair.server, netns.SERVER_IF)
+            if self.profile.mtu != PACKET_BYTES:
+                set_mtu(self.pair, PACKET_BYTES)
 
     def __enter__(self) -> KernelLink:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def set_mtu(pair: netns.NamespacePair, mtu: int) -> None:
+    """The MTU of both veth ends (TCP then sends segments that fit it)."""
+    for ns, dev in ((pair.edge, netns.EDGE_IF), (pair.server, netns.SERVER_IF)):
+        netns.run(["ip", "-n", ns, "link", "set", "dev", dev, "mtu", str(mtu)])
 
 
 def open_link(

@@ -16,6 +16,8 @@ from splitedge.errors import SplitedgeError
 DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "links.toml"
 PACKET_BYTES = 1500  # one Ethernet-sized packet: the emulators' unit of serialisation
 DEFAULT_QUEUE_BYTES = 64 * 1024
+MIN_MTU, MAX_MTU = 576, 9000  # IPv4's guaranteed minimum; jumbo frames
+ETHERNET_HEADER = 14
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class LinkProfile:
     source: str = ""  # where the numbers come from
     max_payload_bytes: int = 0  # largest frame the link carries (0: no limit; IP fragments it)
     duty_cycle: float = 1.0  # fraction of time a sender may transmit (regulatory, e.g. LoRa)
+    loss_pct: float = 0.0  # random packet loss in each direction, percent (independent per packet)
+    burst_bytes: int = 0  # token-bucket depth (tc tbf's burst); 0: strict, every packet waits
+    mtu: int = PACKET_BYTES  # largest IP packet on the link (the veth's MTU on kernel backends)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -70,6 +75,22 @@ class LinkProfile:
             raise ValueError(
                 f"link {self.name!r}: duty_cycle must be in (0, 1], got {self.duty_cycle!r}"
             )
+        if not _is_number(self.loss_pct) or not 0 <= self.loss_pct <= 100:
+            raise ValueError(
+                f"link {self.name!r}: loss_pct must be a percentage in [0, 100], got {self.loss_pct!r}"
+            )
+        if not _is_int(self.mtu) or not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(
+                f"link {self.name!r}: mtu must be an integer in [{MIN_MTU}, {MAX_MTU}], "
+                f"got {self.mtu!r}"
+            )
+        if not _is_int(self.burst_bytes) or (
+            self.burst_bytes and self.burst_bytes < self.mtu + ETHERNET_HEADER
+        ):
+            raise ValueError(
+                f"link {self.name!r}: burst_bytes must be 0 (strict) or hold one frame "
+                f"(>= mtu + {ETHERNET_HEADER} = {self.mtu + ETHERNET_HEADER}), got {self.burst_bytes!r}"
+            )
         if not isinstance(self.source, str):
             raise ValueError(f"link {self.name!r}: source must be a string, got {self.source!r}")
 
@@ -80,6 +101,10 @@ class LinkProfile:
 
 
 _REQUIRED = ("up_kbit", "down_kbit", "delay_ms")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

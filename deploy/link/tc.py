@@ -16,9 +16,9 @@ import functools
 import os
 
 from deploy.link.netns import PREFIX, delete, run
-from deploy.link.profiles import PACKET_BYTES, LinkProfile
+from deploy.link.profiles import ETHERNET_HEADER, PACKET_BYTES, LinkProfile
 
-ETHERNET_HEADER = 14  # tbf and netem meter a veth packet with its Ethernet header
+# tbf and netem meter a veth packet with its Ethernet header (ETHERNET_HEADER bytes)
 BURST_BYTES = 1600  # strict: one full-size frame (1514 B) and a little rounding margin
 MIN_FILLER_FRAME = 42  # Ethernet + IPv4 + UDP headers, empty payload
 FILLER_ERROR_S = 0.25e-3  # largest serialisation time a filler packet may hide
@@ -51,10 +51,11 @@ def missing(kind: str) -> str:
         delete(ns)
 
 
-def tbf_args(rate_kbit: float, queue_bytes: int) -> list[str]:
-    """tc arguments of a strict-burst token bucket at rate_kbit (tc's kbit is 1000 bit/s)."""
-    return ["tbf", "rate", f"{rate_kbit:g}kbit", "burst", str(BURST_BYTES),
-            "limit", str(max(queue_bytes, 2 * BURST_BYTES))]  # fmt: skip
+def tbf_args(rate_kbit: float, queue_bytes: int, burst_bytes: int = 0) -> list[str]:
+    """tc arguments of a token bucket at rate_kbit (tc's kbit is 1000 bit/s); strict by default."""
+    burst = burst_bytes or BURST_BYTES
+    return ["tbf", "rate", f"{rate_kbit:g}kbit", "burst", str(burst),
+            "limit", str(max(queue_bytes, 2 * burst))]  # fmt: skip
 
 
 def netem_args(rate_kbit: float, profile: LinkProfile) -> list[str]:
@@ -86,7 +87,8 @@ def shape(ns: str, dev: str, kind: str, rate_kbit: float, profile: LinkProfile) 
     if kind == "netem":
         run([*base, *netem_args(rate_kbit, profile)])
         return
-    run([*base, *tbf_args(rate_kbit, profile.queue_bytes)])
+    strict = max(BURST_BYTES, profile.mtu + ETHERNET_HEADER + 86)  # one frame + the same margin
+    run([*base, *tbf_args(rate_kbit, profile.queue_bytes, profile.burst_bytes or strict)])
     run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:",
          "pfifo_fast"])  # fmt: skip
     # pfifo_fast drops whatever arrives when txqueuelen packets wait, whatever the band, so

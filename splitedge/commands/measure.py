@@ -26,7 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--links",
         default="3g,dsl,wifi",
-        help="comma-separated link profiles from deploy/links.toml (default: %(default)s)",
+        help="comma-separated link profiles from --links-file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--links-file",
+        type=Path,
+        default=None,
+        help="TOML file of your own link profiles, one [name] table each with up_kbit, "
+        "down_kbit, delay_ms and optionally jitter_ms, loss_pct, burst_bytes, mtu, queue_bytes "
+        "(default: deploy/links.toml)",
     )
     p.add_argument(
         "--modes",
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         link_backend=args.link_backend,
         env=args.env,
         env_kwargs=env_kwargs(args.env_kwargs),
+        links_file=args.links_file,
     )
     store = CellStore(args.out, resume=not args.no_resume)
     if args.self_check:
