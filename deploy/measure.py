@@ -26,7 +26,7 @@ import numpy as np
 from deploy.cell_store import CellStore
 from deploy.clients import ClientGroup
 from deploy.link import netns
-from deploy.link.kernel import BackendChoice, choose_backend, open_link, unsupported
+from deploy.link.kernel import BackendChoice, choose_backend, loss_method, open_link, unsupported
 from deploy.link.profiles import LinkProfile, bound_ms, get_profile, refusal
 from deploy.server_process import ServerProcess
 from edge.client import MODES
@@ -110,6 +110,8 @@ class Cell:
     bound_down: float = 0.0
     decisions_s: float = 0.0
     server_cpu_ms: float = 0.0  # server process CPU per decision, its idle rate taken out
+    loss_up_pct: float = 0.0  # packets the loss stage dropped in this cell, per direction
+    loss_down_pct: float = 0.0
 
     def latencies(self) -> list[float]:
         """Per-step decision latency of the steps that did not fall back."""
@@ -140,6 +142,8 @@ class Cell:
             "server_cpu_ms": self.server_cpu_ms,
             "fallbacks": s["fallbacks"],
             "steps": s["steps"],
+            "loss_up_pct": self.loss_up_pct,
+            "loss_down_pct": self.loss_down_pct,
         }
 
 
@@ -199,6 +203,11 @@ def measure_cell(
             "is the server healthy and --deadline-ms long enough for this link?"
         )
     n = len(records)
+    lost = {
+        d: 100.0 * (after[f"lost_{d}"] - before[f"lost_{d}"]) / sent
+        for d in ("up", "down")
+        if (sent := after.get(f"pkts_{d}", 0) - before.get(f"pkts_{d}", 0)) > 0
+    }
     per = {
         k: (after[k] - before[k]) / n
         for k in ("link_up", "link_down", "bound_up", "bound_down", "bytes_up", "bytes_down")
@@ -214,6 +223,7 @@ def measure_cell(
         per["bytes_up"], per["bytes_down"], bound, records, results[0].encoder,
         bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds,
         server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
+        loss_up_pct=lost.get("up", 0.0), loss_down_pct=lost.get("down", 0.0),
     )  # fmt: skip
 
 
@@ -306,6 +316,8 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
     if lacking:
         raise SplitedgeError("; ".join(lacking))
     sweep = Sweep([], choice, env=env)
+    if any(p.loss_pct for p in profiles):
+        sweep.notes.append(f"packet loss by {loss_method(choice.name)}")
     if store is not None:
         store.open()
         store.sweep = sweep

@@ -15,13 +15,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.link import netns, tc
+from deploy.link import loss, netns, tc
 from deploy.link.process import ProxyProcess, read_line, reap
 from deploy.link.profiles import PACKET_BYTES, LinkProfile
 from splitedge.errors import SplitedgeError
 
 BACKENDS = ("netem", "tbf", "proxy")
-LOSS_BACKENDS: tuple[str, ...] = ()  # backends that drop packets at a profile's loss_pct
+LOSS_BACKENDS = ("netem", "tbf")  # backends that drop packets at a profile's loss_pct
 _FILLER_DEST = {"up": "10.231.9.9", "down": "10.231.8.8"}  # in netns.FILLER_NET_*
 
 
@@ -48,7 +48,9 @@ def unsupported(profile: LinkProfile, backend: str) -> str:
     """What of profile `backend` cannot emulate ('' if all of it), so nothing is silently dropped."""
     lacks = []
     if profile.loss_pct and backend not in LOSS_BACKENDS:
-        lacks.append(f"loss_pct {profile.loss_pct:g}")
+        lacks.append(f"loss_pct {profile.loss_pct:g}")  # TCP over a proxy never loses bytes
+    elif profile.loss_pct and backend == "tbf" and (why := loss.missing()):
+        return f"link '{profile.name}': loss_pct needs netem or nftables here: {why}"
     if profile.burst_bytes and backend != "tbf":
         lacks.append(f"burst_bytes {profile.burst_bytes}")
     if profile.mtu != PACKET_BYTES and backend == "proxy":
@@ -59,6 +61,13 @@ def unsupported(profile: LinkProfile, backend: str) -> str:
         f"link '{profile.name}': the {backend} backend cannot emulate {', '.join(lacks)}; "
         "use --link-backend tbf (kernel, needs root) or drop those keys"
     )
+
+
+def loss_method(backend: str) -> str:
+    """How the backend drops packets, for the report."""
+    if backend == "netem":
+        return "netem `loss random` on each veth's egress"
+    return "nftables numgen random drop on each veth's ingress (no sch_netem; deploy/link/loss.py)"
 
 
 def choose_backend(requested: str = "auto") -> BackendChoice:
@@ -122,6 +131,9 @@ class KernelLink:
                 set_mtu(pair, p.mtu)
             tc.shape(pair.edge, netns.EDGE_IF, self.backend, p.up_kbit, p)  # uplink leaves here
             tc.shape(pair.server, netns.SERVER_IF, self.backend, p.down_kbit, p)
+            if p.loss_pct and self.backend == "tbf":
+                loss.apply(pair.server, netns.SERVER_IF, p.loss_pct)  # uplink arrives here
+                loss.apply(pair.edge, netns.EDGE_IF, p.loss_pct)
             if self.backend == "tbf" and not p.burst_bytes:  # a burst is the user's bucket
                 self._start_filler()
             self._proxy.start()
@@ -153,8 +165,13 @@ class KernelLink:
             raise SplitedgeError("the tbf filler did not start; see `python -m deploy.link.filler`")
 
     def stats(self) -> dict[str, Any]:
-        """Proxy counters; link_up/link_down are Ethernet frame bytes, what the qdiscs meter."""
-        return self._proxy.stats()
+        """Proxy counters; link_up/link_down are Ethernet frame bytes, what the qdiscs meter;
+        pkts_/lost_up/down count packets the loss stage saw and dropped (tbf with loss)."""
+        s = self._proxy.stats()
+        if self.profile.loss_pct and self.backend == "tbf":
+            s["pkts_up"], s["lost_up"] = loss.counts(self.pair.server)
+            s["pkts_down"], s["lost_down"] = loss.counts(self.pair.edge)
+        return s
 
     def close(self) -> None:
         """Stop the proxy and filler and remove the qdiscs; safe to call twice."""
@@ -163,6 +180,8 @@ class KernelLink:
         if filler is not None:
             reap(filler, 5.0)
         if self.pair.exists():
+            loss.clear(self.pair.server)
+            loss.clear(self.pair.edge)
             tc.unshape(self.pair.edge, netns.EDGE_IF)
             tc.unshape(self.pair.server, netns.SERVER_IF)
             if self.profile.mtu != PACKET_BYTES:

@@ -66,6 +66,8 @@ def netem_args(rate_kbit: float, profile: LinkProfile) -> list[str]:
     args = ["netem", "delay", f"{profile.delay_ms:g}ms"]
     if profile.jitter_ms:
         args += [f"{profile.jitter_ms:g}ms"]  # uniform in [-jitter, +jitter] without a table
+    if profile.loss_pct:
+        args += ["loss", "random", f"{profile.loss_pct:g}%"]
     return [*args, "rate", f"{rate_kbit:g}kbit", "limit", str(limit)]
 
 

@@ -1,0 +1,58 @@
+"""Packet loss on the kernel path without netem (nftables numgen), counted in packets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deploy.link import loss
+from deploy.link.kernel import unavailable, unsupported
+from deploy.link.profiles import LinkProfile
+from deploy.link.tc import netem_args
+from splitedge.cli import main
+
+ZOO = Path(__file__).resolve().parents[1] / "models" / "zoo" / "cartpole-ppo"
+KERNEL = pytest.mark.skipif(
+    bool(unavailable("tbf") or loss.missing()), reason="needs root, netns, tbf and nftables"
+)
+
+
+@KERNEL
+def test_loss_self_check_counts_packets_each_way() -> None:
+    rows = loss.self_check(loss_pct=10.0, packets=20_000)
+    assert [r["direction"] for r in rows] == ["up", "down"]
+    for r in rows:
+        # within 10% relative of the configured 10% over 20,000 packets (4.7 sigma)
+        assert r["ok"] and 9.0 <= r["measured_pct"] <= 11.0, r
+        # what arrived is what nftables let through (a couple of ARP packets aside)
+        assert abs(r["nft_seen"] - r["nft_lost"] - r["received"]) <= 5, r
+
+
+def test_loss_is_refused_where_it_cannot_be_emulated_and_netem_gets_it() -> None:
+    lossy = LinkProfile("lossy", 1000, 1000, 10, loss_pct=2.5)
+    assert "proxy backend cannot emulate loss_pct 2.5" in unsupported(lossy, "proxy")
+    assert unsupported(lossy, "netem") == ""
+    assert netem_args(1000, lossy)[3:6] == ["loss", "random", "2.5%"]
+    assert "loss" not in netem_args(1000, LinkProfile("clean", 1000, 1000, 10))
+
+
+@KERNEL
+def test_measure_over_a_lossy_kernel_link(tmp_path: Path) -> None:
+    links = tmp_path / "links.toml"
+    # 20% each way: over ~80 packets per direction P(no drop) ~ 2e-8, so drops are certain
+    links.write_text("[lossy]\nup_kbit = 3000\ndown_kbit = 4000\ndelay_ms = 10\nloss_pct = 20\n")
+    out = tmp_path / "out"
+    argv = ["measure", "--bundle", str(ZOO), "--links-file", str(links), "--links", "lossy",
+            "--modes", "split", "--steps", "20", "--warmup", "1", "--link-backend", "tbf",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert any("nftables numgen" in n for n in doc["notes"])
+    (row,) = doc["rows"]
+    assert row["fallbacks"] == 0 and row["steps"] == 20  # TCP recovers every loss
+    assert row["loss_up_pct"] > 0 and row["loss_down_pct"] > 0
+    assert row["loss_up_pct"] < 60 and row["loss_down_pct"] < 60
+    # retransmission timeouts (>= 200 ms on Linux) show in the tail, against this cell's median
+    assert row["p99_ms"] > row["p50_ms"]
