@@ -62,6 +62,8 @@ class MemoryTable:
         stored = self.path.stat().st_size - offset if size is None else size
         check_table_size(self.spec, stored, str(self.path))
         self._fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # block checks pread exactly a block: no readahead
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         self._base = offset - base  # where the table starts inside the mapping
         self._mm = mmap.mmap(

@@ -61,8 +61,13 @@ def fold_run(
     name: str | None = None,
     version: str = "1.0.0",
     val_tokens: int = 16384,
+    dense_twin: Path | None = None,
 ) -> dict[str, Any]:
-    """Build an llm bundle in `out` from run_dir (ckpt.pt, tokenizer.json, val_tokens.bin); return a report."""
+    """Build an llm bundle in `out` from run_dir (ckpt.pt, tokenizer.json, val_tokens.bin); its manifest.
+
+    dense_twin: a dense bundle of the same shape; its figures (perplexity on this bundle's
+    validation tokens, parameters, decoder bytes, training) are recorded as `llm.dense_twin`.
+    """
     if dtype not in TABLE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TABLE_DTYPES)}, got {dtype!r}")
     run_dir, out = Path(run_dir), Path(out)
@@ -119,7 +124,45 @@ def fold_run(
     from edge.llm.probe import record_probe
 
     manifest["llm"]["health_probe"] = record_probe(out)  # what a device must reproduce
+    if dense_twin is not None:
+        manifest["llm"]["dense_twin"] = dense_twin_figures(Path(dense_twin), cfg.to_dict(), val)
+        ppl, twin = check["val_ppl_bundle"], manifest["llm"]["dense_twin"]["val_ppl_bundle"]
+        manifest["llm"]["dense_twin"]["val_ppl_change_pct_meki_vs_dense"] = round(
+            100.0 * (ppl / twin - 1.0), 3
+        )
     return write_manifest(out, manifest)
+
+
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "ffn_hidden")
+
+
+def dense_twin_figures(path: Path, config: dict[str, Any], val: np.ndarray) -> dict[str, Any]:
+    """A dense bundle's figures next to a MeKi bundle of its shape, scored on the same tokens."""
+    from edge.llm.runtime import LlmRuntime
+
+    runtime = LlmRuntime(path, threads=1)
+    try:
+        twin = runtime.files.manifest
+        if runtime.spec.has_memory:
+            raise ValueError(f"dense twin {path} has a MeKi memory ({runtime.spec.meki!r})")
+        other = {k: runtime.config.get(k) for k in SHAPE}
+        if other != {k: config[k] for k in SHAPE}:
+            raise ValueError(f"dense twin {path} has shape {other}, this model {config}")
+        ppl = runtime.score(val)["val_ppl"]
+        decoder_bytes = runtime.decoder_bytes
+    finally:
+        runtime.close()
+    llm = twin["llm"]
+    return {
+        "name": twin["name"],
+        "version": twin["version"],
+        "val_ppl_bundle": ppl,  # on this bundle's validation tokens, as its own val_ppl_bundle
+        "val_tokens": int(val.size),
+        "decoder_bytes": decoder_bytes,
+        "training": llm.get("training"),
+        "training_command": twin.get("created", {}).get("training_command"),
+        "files_sha256": twin["files"],
+    }
 
 
 def _check(model: MeKiGPT, out: Path, val: np.ndarray) -> dict[str, Any]:

@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="validation tokens shipped for on-device perplexity (default: %(default)s)",
     )
     f.add_argument(
+        "--dense-twin",
+        type=Path,
+        default=None,
+        help="a dense llm bundle of the same shape whose perplexity (on this bundle's "
+        "validation tokens), size and training are recorded in the manifest (default: none)",
+    )
+    f.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )
     f.set_defaults(func=fold)
@@ -83,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="print text and timings as JSON at the end")
     g.set_defaults(func=generate)
     _register_bench(lsub)
+    _register_startup(lsub)
 
 
 def _register_train(lsub: argparse._SubParsersAction) -> None:
@@ -221,6 +229,59 @@ def _register_bench(lsub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=bench)
 
 
+def _register_startup(lsub: argparse._SubParsersAction) -> None:
+    s = lsub.add_parser(
+        "startup",
+        help="start-up time, bytes read and resident table pages against table size",
+        description="Build synthetic llm bundles (random small decoder, sparse zero fp16 "
+        "table of each --size) and open each cold in a fresh process: time, /proc/self/io "
+        "bytes and resident table pages, next to the old whole-file-hash start; then flip a "
+        "byte in one table block and show it refused on first read. Needs torch (train extra).",
+    )
+    s.add_argument(
+        "--size",
+        action="append",
+        default=None,
+        help="table size with a K/M/G suffix, repeatable (default: 64M, 512M and 2G)",
+    )
+    s.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("out/llm/startup"),
+        help="where the synthetic bundles are written (default: %(default)s)",
+    )
+    s.add_argument(
+        "--new-tokens",
+        type=int,
+        default=16,
+        help="greedy tokens generated after a 16-token prompt (default: %(default)s)",
+    )
+    s.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="fresh processes per bundle and way of opening; times are medians "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--report", type=Path, default=None, help="also write the start-up section of this markdown"
+    )
+    s.add_argument(
+        "--json", action="store_true", help="print the result as JSON instead of a table"
+    )
+    s.set_defaults(func=startup)
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        return int(float(text[:-1]) * units[text[-1].upper()])
+    except (KeyError, ValueError, IndexError):
+        raise SplitedgeError(
+            f"--size {text!r}: expected a number and K, M or G (e.g. 64M)"
+        ) from None
+
+
 def _training_imports() -> Any:
     try:
         from models.meki import train as train_mod
@@ -292,7 +353,13 @@ def fold(args: argparse.Namespace) -> int:
 
     try:
         manifest = fold_run(
-            args.run, args.out, args.dtype, args.name, args.version, args.val_tokens
+            args.run,
+            args.out,
+            args.dtype,
+            args.name,
+            args.version,
+            args.val_tokens,
+            dense_twin=args.dense_twin,
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
@@ -405,7 +472,40 @@ def bench(args: argparse.Namespace) -> int:
         f"--bundle {b}" for b in args.bundle
     )
     if args.report is not None:
+        from edge.llm.startup import section
+
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(render_markdown(result))
+        text = render_markdown(result)
+        kept = section(args.report.read_text()) if args.report.is_file() else None
+        args.report.write_text(text if kept is None else text.rstrip("\n") + "\n\n" + kept)
     emit(result, args.json, bench_table(result))
+    return 0
+
+
+def startup(args: argparse.Namespace) -> int:
+    _training_imports()
+    from edge.llm.startup import corrupt_block_check, measure, render, replace_section
+    from models.meki.synthetic import synthetic_bundle
+
+    sizes = [_size(t) for t in (args.size or ["64M", "512M", "2G"])]
+    if args.new_tokens < 1 or args.repeat < 1:
+        raise SplitedgeError("--new-tokens and --repeat must be integers >= 1")
+    rows = []
+    for size in sizes:
+        out = args.dir / f"table-{size >> 20}M"
+        try:
+            synthetic_bundle(out, size)
+        except ValueError as e:
+            raise SplitedgeError(f"--size {size}: {e}") from e
+        rows.append(measure(out, args.new_tokens, args.repeat))
+    smallest = args.dir / f"table-{min(sizes) >> 20}M"
+    blocks = -(-min(sizes) >> 20)
+    corrupt = corrupt_block_check(smallest, blocks // 2) if blocks > 1 else None
+    command = "splitedge " + " ".join(getattr(args, "argv", []) or ["llm", "startup"])
+    result = {"command": command, "rows": rows, "corrupt_block": corrupt}
+    text = render(rows, corrupt, command)
+    if args.report is not None:
+        old = args.report.read_text() if args.report.is_file() else ""
+        args.report.write_text(replace_section(old, text))
+    emit(result, args.json, text)
     return 0
