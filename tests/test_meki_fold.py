@@ -225,3 +225,23 @@ def test_dense_run_folds_to_a_bundle_without_table(tmp_path):
     manifest = fold_run(tmp_path / "run", tmp_path / "b", val_tokens=64)
     assert manifest["llm"]["table"] is None and "table.bin" not in manifest["files"]
     assert manifest["llm"]["decoder"]["inputs"][:2] == ["input_ids", "position_ids"]
+
+
+def test_decoder_holds_the_embedding_once(trained_run):
+    """Input lookup and output head read one V x d_model initializer (tied), not two copies."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = trained_run / "bundle-fp32"
+    if not out.exists():
+        fold_run(trained_run / "run", out, dtype="fp32", val_tokens=1024)
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    V, C = 512, 32
+    big = [i for i in graph.initializer if sorted(i.dims) == sorted([V, C])]
+    assert len(big) == 1 and list(big[0].dims) == [V, C]
+    readers = [n.op_type for n in graph.node if big[0].name in n.input]
+    assert sorted(readers) == ["Gather", "Gemm"]
+    model, _ = load_checkpoint(trained_run / "run" / CKPT)
+    np.testing.assert_array_equal(numpy_helper.to_array(big[0]), model.wte.weight.detach().numpy())
+    decoder = json.loads((out / "manifest.json").read_text())["llm"]["decoder"]
+    assert decoder["tied_embedding_bytes_saved"] == V * C * 4

@@ -126,6 +126,58 @@ def merge_add_chains(graph: Any) -> int:
     return len(dropped)
 
 
+def tie_output_head(graph: Any) -> int:
+    """Serve the output head from the token embedding's own initializer; bytes of weights dropped.
+
+    torch exports the tied head `h @ E^T` with a second, transposed copy of E (V x d_model
+    floats, about a fifth of a d128 decoder). Here that MatMul becomes Gemm(h, E, transB=1)
+    on the embedding the input Gather already reads (the same dot products, E read row by
+    row), with Reshapes around it because Gemm is 2-D. 0 when the graph has no such copy.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    tables = {
+        n.input[0]: numpy_helper.to_array(inits[n.input[0]])
+        for n in graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+    }
+    for pos, head in enumerate(graph.node):
+        if head.op_type != "MatMul" or head.input[1] not in inits or readers[head.input[1]] != 1:
+            continue
+        W = numpy_helper.to_array(inits[head.input[1]])
+        E_name = next((k for k, E in tables.items() if np.array_equal(W, E.T)), None)
+        if E_name is None:
+            continue
+        V, C = tables[E_name].shape
+        x, out, p = head.input[0], head.output[0], "tied_head/"
+        consts = {
+            p + "flat": np.array([-1, C], np.int64),
+            p + "zero": np.array([0], np.int64),
+            p + "minus1": np.array([-1], np.int64),
+            p + "vocab": np.array([V], np.int64),
+        }
+        graph.initializer.remove(inits[head.input[1]])
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+        nodes = [
+            helper.make_node("Reshape", [x, p + "flat"], [p + "x2d"]),  # (B*T, C)
+            helper.make_node("Gemm", [p + "x2d", E_name], [p + "logits2d"], transB=1),
+            helper.make_node("Shape", [x], [p + "shape"]),  # (B, T, C) -> (B, T, V)
+            helper.make_node("Slice", [p + "shape", p + "zero", p + "minus1"], [p + "bt"]),
+            helper.make_node("Concat", [p + "bt", p + "vocab"], [p + "out_shape"], axis=0),
+            helper.make_node("Reshape", [p + "logits2d", p + "out_shape"], [out]),
+        ]
+        graph.node.remove(head)
+        for k, node in enumerate(nodes):
+            graph.node.insert(pos + k, node)
+        return int(W.nbytes)
+    return 0
+
+
 def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:
     """Export the KV-cached decoder step (any number of new tokens) to ONNX; return its spec."""
     cfg = model.cfg
@@ -167,7 +219,8 @@ def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:
 
     graph = onnx.load(str(path), load_external_data=False)
     merged = merge_add_chains(graph.graph)
-    if merged:
+    tied = tie_output_head(graph.graph)
+    if merged or tied:
         onnx.save(graph, str(path))
     nodes = len(graph.graph.node)
     return {
@@ -175,6 +228,7 @@ def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:
         "opset": OPSET,
         "nodes": nodes,
         "add_chains_merged": merged,
+        "tied_embedding_bytes_saved": tied,  # one V x d_model embedding, read by input and head
         "inputs": inputs,
         "outputs": outputs,
         "kv_shape": ["batch", cfg.n_head, "past", cfg.head_dim],
