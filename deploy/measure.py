@@ -26,7 +26,14 @@ import numpy as np
 from deploy.cell_store import CellStore
 from deploy.clients import ClientGroup
 from deploy.link import netns
-from deploy.link.kernel import BackendChoice, choose_backend, loss_method, open_link, unsupported
+from deploy.link.kernel import (
+    BackendChoice,
+    choose_backend,
+    jitter_method,
+    loss_method,
+    open_link,
+    unsupported,
+)
 from deploy.link.profiles import LinkProfile, bound_ms, get_profile, refusal
 from deploy.server_process import ServerProcess
 from edge.client import MODES
@@ -318,6 +325,8 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
     sweep = Sweep([], choice, env=env)
     if any(p.loss_pct for p in profiles):
         sweep.notes.append(f"packet loss by {loss_method(choice.name)}")
+    if any(p.jitter_ms for p in profiles):
+        sweep.notes.append(f"jitter by {jitter_method(choice.name)}")
     if store is not None:
         store.open()
         store.sweep = sweep

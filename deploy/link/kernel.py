@@ -70,6 +70,18 @@ def loss_method(backend: str) -> str:
     return "nftables numgen random drop on each veth's ingress (no sch_netem; deploy/link/loss.py)"
 
 
+def jitter_method(backend: str) -> str:
+    """How the backend applies a profile's jitter, for the report."""
+    if backend == "netem":
+        return "netem delay jitter (uniform, in the kernel)"
+    return (
+        "the userspace delay stage: per packet uniform in [-jitter_ms, +jitter_ms], order kept "
+        "(no sch_netem; deploy/link/jitter.py)"
+        if backend == "tbf"
+        else "the userspace proxy: per packet uniform in [-jitter_ms, +jitter_ms], order kept"
+    )
+
+
 def choose_backend(requested: str = "auto") -> BackendChoice:
     """netem > tbf > proxy for 'auto'; a named backend that cannot run is a user error."""
     if requested not in ("auto", *BACKENDS):

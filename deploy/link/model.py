@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 
 from deploy.link.profiles import PACKET_BYTES
+
+RECORD_MAX = 100_000
 
 
 class SerialLink:
@@ -29,6 +32,9 @@ class SerialLink:
         self.free_at = 0.0  # when the line finishes serialising everything accepted so far
         self.peak_backlog = 0.0  # most bytes ever waiting to be serialised, right after a read
         self._rng = random.Random(seed)
+        # One-way delay each packet was given after order-keeping (ms), for self-checks and
+        # stats; the most recent RECORD_MAX only, so a long run stays small.
+        self.applied_ms: deque[float] = deque(maxlen=RECORD_MAX)
 
     def serialise(self, now: float, nbytes: int) -> float:
         """Accept nbytes at time now behind what is queued; return when their last bit is sent."""

@@ -64,7 +64,8 @@ class Stream:
         view = memoryview(data)
         for start in range(0, len(data), PACKET_BYTES):
             piece = view[start : start + PACKET_BYTES]
-            self._enqueue(self.link.arrival(self.link.serialise(now, len(piece))), piece.tobytes())
+            sent = self.link.serialise(now, len(piece))
+            self._enqueue(self.link.arrival(sent), piece.tobytes(), sent)
         if self.link.is_full(now):
             self.queue_full = True
             self._update_reading()
@@ -96,9 +97,11 @@ class Stream:
         self.dst_full = full
         self._update_reading()
 
-    def _enqueue(self, due: float, data: bytes | None) -> None:
-        due = max(due, self.last_due)
+    def _enqueue(self, due: float, data: bytes | None, sent: float | None = None) -> None:
+        due = max(due, self.last_due)  # in order, as TCP delivers: a packet waits for the one ahead
         self.last_due = due
+        if sent is not None:
+            self.link.applied_ms.append(1e3 * (due - sent))
         self.deliveries.append((due, data))
         if self.timer is None:
             self.timer = self.loop.call_at(due, self._deliver_due)
