@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from models.observations import Observations, gather
-from models.sb3_policy import Actor, Argmax, check_split, load_model, predict, read_actor
+from models.proof import describe, passes, prove, uint8_margin
+from models.sb3_policy import Actor, check_split, load_model, predict, read_actor
 from splitedge import __version__, ir
 from splitedge.bundle import MANIFEST, write_manifest
 from splitedge.errors import SplitedgeError
 
 OPSET = 17
-CONTINUOUS_TOL = 1e-4  # |bundle - predict| allowed per action component (float32 rounding)
 FEATURE_DTYPES = ("auto", "uint8", "float32")
 __all__ = ["export_policy", "load_model", "sb3_actions"]
 
@@ -149,110 +149,6 @@ def _write_onnx(actor: Actor, enc_ir: ir.EncoderIR, out: Path) -> None:
     _export(FullGraph(enc, head), obs, out / "full.onnx", ("observation", "action"))
 
 
-def _compare(
-    got: np.ndarray, want: np.ndarray, discrete: bool, tol: float = CONTINUOUS_TOL
-) -> dict[str, Any]:
-    """Share of observations whose action is predict's (discrete) or within `tol` of it."""
-    got, want = np.asarray(got).reshape(len(want), -1), np.asarray(want).reshape(len(want), -1)
-    if discrete:
-        same = np.all(got == want, axis=1)
-        return {"observations": len(want), "agree": float(same.mean())}
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64)).max(axis=1)
-    return {
-        "observations": len(want),
-        "agree": float((diff <= tol).mean()),
-        "max_abs_diff": float(diff.max()),
-        "tolerance": tol,
-    }
-
-
-def uint8_margin(actor: Actor, enc_ir: ir.EncoderIR, obs: np.ndarray) -> tuple[bool, str]:
-    """Whether uint8 features keep every action with room to spare, and the numbers.
-
-    Passing the 200-observation check is not enough for a model not trained on the grid: an
-    observation never checked may sit nearer a decision boundary. uint8 is chosen only when
-    the largest change it makes to any logit is under a quarter of the smallest top-2 logit
-    margin (or, for continuous actions, half the 1e-4 tolerance).
-    """
-    if actor.trained_quantised:
-        return True, "trained on the uint8 grid"
-    discrete = isinstance(actor.head[-1], Argmax)
-    body = actor.head[:-1] if discrete else actor.head
-    with torch.no_grad():
-        f = actor.encoder.net(torch.as_tensor(obs).float() * actor.input_scale).flatten(1)
-        q = torch.clamp(torch.round(f / enc_ir.output_scale) + enc_ir.output_zero_point, 0, 255)
-        fq = (q - enc_ir.output_zero_point) * enc_ir.output_scale
-        exact, grid = body(actor.post(f)), body(actor.post(fq))
-    shift = float((exact - grid).abs().max())
-    if not discrete:
-        return 2 * shift <= CONTINUOUS_TOL, f"moves actions by up to {shift:.3g}"
-    top2 = exact.topk(2, dim=1).values
-    gap = float((top2[:, 0] - top2[:, 1]).min())
-    return 4 * shift < gap, f"moves logits by up to {shift:.3g}; the smallest margin is {gap:.3g}"
-
-
-def es2_tolerance(action_space: Any) -> float:
-    """8-bit activations cannot hold 1e-4: es2 agrees within one 256th of the action range."""
-    if hasattr(action_space, "n"):
-        return 0.0
-    span = np.asarray(action_space.high, np.float64) - np.asarray(action_space.low, np.float64)
-    return float(span.min()) / 256.0
-
-
-def _es2_features(
-    enc_ir: ir.EncoderIR, weights: dict[str, np.ndarray], obs: np.ndarray
-) -> np.ndarray:
-    """What the es2 target (8-bit storage between passes) sends, by the reference interpreter."""
-    from edge.encoder.calibrate import from_ir
-    from edge.encoder.reference import encode, fake_quant, forward
-
-    act_quant = from_ir(enc_ir)
-    if enc_ir.output_dtype == "uint8":
-        return encode(enc_ir, weights, obs, act_quant)
-    f = forward(enc_ir, weights, obs, act_quant)  # es2's last stage is stored on the output grid
-    return fake_quant(f, enc_ir.output_scale, enc_ir.output_zero_point).astype(np.float32)
-
-
-def prove(
-    bundle_dir: Path,
-    enc_ir: ir.EncoderIR,
-    weights: dict[str, np.ndarray],
-    obs: np.ndarray,
-    want: np.ndarray,
-    action_space: Any,
-) -> dict[str, Any]:
-    """Agreement of the bundle's ort split, ort full graph and es2 reference with predict."""
-    import onnxruntime as ort
-
-    def session(name: str) -> Any:
-        return ort.InferenceSession(str(bundle_dir / name), providers=["CPUExecutionProvider"])
-
-    discrete = hasattr(action_space, "n")
-    enc, head, full = session("encoder.onnx"), session("head.onnx"), session("full.onnx")
-    feats = enc.run(None, {"observation": obs})[0]
-    es2 = _es2_features(enc_ir, weights, obs).astype(feats.dtype)
-    return {
-        "ort": _compare(head.run(None, {"features": feats})[0], want, discrete),
-        "full": _compare(full.run(None, {"observation": obs})[0], want, discrete),
-        "es2_reference": _compare(
-            head.run(None, {"features": es2})[0], want, discrete, es2_tolerance(action_space)
-        ),
-    }
-
-
-def _passes(check: dict[str, Any]) -> bool:
-    return bool(check["ort"]["agree"] == 1.0 and check["full"]["agree"] == 1.0)
-
-
-def _describe(check: dict[str, Any]) -> str:
-    parts = []
-    for k in ("ort", "full"):
-        c = check[k]
-        diff = f", max |diff| {c['max_abs_diff']:.3g}" if "max_abs_diff" in c else ""
-        parts.append(f"{k} {c['agree'] * c['observations']:.0f}/{c['observations']}{diff}")
-    return ", ".join(parts)
-
-
 def _action_spec(space: Any) -> dict[str, Any]:
     if hasattr(space, "n"):
         return {"type": "discrete", "n": int(space.n), "dtype": "int64", "shape": [1]}
@@ -278,9 +174,19 @@ def _stage_dir(out: Path) -> Path:
 
 
 def _publish(stage: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)  # an earlier bundle at this path (checked in _stage_dir)
-    stage.rename(out)
+    """Move the staged bundle to `out`; an earlier bundle there is replaced only once it can be."""
+    old = out.with_name(f".{out.name}.old") if out.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)  # an earlier bundle at this path (checked in _stage_dir)
+    try:
+        stage.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_policy(
@@ -327,13 +233,13 @@ def export_policy(
                     continue
             _write_onnx(actor, enc_ir, stage)
             agreement = prove(stage, enc_ir, weights, data.check, want, model.action_space)
-            if _passes(agreement):
+            if passes(agreement):
                 break
-            say(f"features {dtype}: {_describe(agreement)} agree with predict")
+            say(f"features {dtype}: {describe(agreement)} agree with predict")
         else:
             raise SplitedgeError(
                 f"the bundle does not act like {model_zip.name}'s predict on {len(want)} "
-                f"observations ({_describe(agreement)}); nothing written"
+                f"observations ({describe(agreement)}); nothing written"
             )
         if dtype != tries[0]:
             say(f"uint8 features could change the model's actions, so features cross as {dtype}")
