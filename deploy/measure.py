@@ -119,6 +119,7 @@ class Cell:
     server_cpu_ms: float = 0.0  # server process CPU per decision, its idle rate taken out
     loss_up_pct: float = 0.0  # packets the loss stage dropped in this cell, per direction
     loss_down_pct: float = 0.0
+    rate_changes: int = 0  # rate-trace steps applied to the shaper during this cell
 
     def latencies(self) -> list[float]:
         """Per-step decision latency of the steps that did not fall back."""
@@ -151,6 +152,7 @@ class Cell:
             "steps": s["steps"],
             "loss_up_pct": self.loss_up_pct,
             "loss_down_pct": self.loss_down_pct,
+            "rate_changes": self.rate_changes,
         }
 
 
@@ -215,6 +217,7 @@ def measure_cell(
         for d in ("up", "down")
         if (sent := after.get(f"pkts_{d}", 0) - before.get(f"pkts_{d}", 0)) > 0
     }
+    changes = after.get("rate_changes", 0) - before.get("rate_changes", 0)
     per = {
         k: (after[k] - before[k]) / n
         for k in ("link_up", "link_down", "bound_up", "bound_down", "bytes_up", "bytes_down")
@@ -231,6 +234,7 @@ def measure_cell(
         bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds,
         server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
         loss_up_pct=lost.get("up", 0.0), loss_down_pct=lost.get("down", 0.0),
+        rate_changes=changes,
     )  # fmt: skip
 
 
@@ -325,6 +329,13 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
     sweep = Sweep([], choice, env=env)
     if any(p.loss_pct for p in profiles):
         sweep.notes.append(f"packet loss by {loss_method(choice.name)}")
+    for p in profiles:
+        for d, path in (("up", p.up_trace), ("down", p.down_trace)):
+            if path:
+                sweep.notes.append(
+                    f"{p.name}: {d}link rate from trace {path} (mean {getattr(p, d + '_kbit'):g} "
+                    f"kbit/s, the bound's rate), applied by tc qdisc change, looped"
+                )
     if any(p.jitter_ms for p in profiles):
         sweep.notes.append(f"jitter by {jitter_method(choice.name)}")
     if store is not None:

@@ -18,6 +18,7 @@ from typing import Any
 from deploy.link import loss, netns, tc
 from deploy.link.process import ProxyProcess, read_line, reap
 from deploy.link.profiles import PACKET_BYTES, LinkProfile
+from deploy.link.trace import TraceDriver, load_trace
 from splitedge.errors import SplitedgeError
 
 BACKENDS = ("netem", "tbf", "proxy")
@@ -53,6 +54,8 @@ def unsupported(profile: LinkProfile, backend: str) -> str:
         return f"link '{profile.name}': loss_pct needs netem or nftables here: {why}"
     if profile.burst_bytes and backend != "tbf":
         lacks.append(f"burst_bytes {profile.burst_bytes}")
+    if (profile.up_trace or profile.down_trace) and backend == "proxy":
+        lacks.append("a rate trace")
     if profile.mtu != PACKET_BYTES and backend == "proxy":
         lacks.append(f"mtu {profile.mtu}")  # a TCP proxy sees bytes, not packets
     if not lacks:
@@ -129,6 +132,7 @@ class KernelLink:
             backend=backend,
         )
         self._filler: subprocess.Popen[str] | None = None
+        self._drivers: list[TraceDriver] = []
 
     @property
     def address(self) -> str:
@@ -148,11 +152,28 @@ class KernelLink:
                 loss.apply(pair.edge, netns.EDGE_IF, p.loss_pct)
             if self.backend == "tbf" and not p.burst_bytes:  # a burst is the user's bucket
                 self._start_filler()
+            self._start_traces()
             self._proxy.start()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _start_traces(self) -> None:
+        p, pair = self.profile, self.pair
+        for path, ns, dev in ((p.up_trace, pair.edge, netns.EDGE_IF),
+                              (p.down_trace, pair.server, netns.SERVER_IF)):  # fmt: skip
+            if path:
+
+                def set_rate(kbit: float, ns: str = ns, dev: str = dev) -> None:
+                    tc.set_rate(ns, dev, self.backend, kbit, p)
+
+                self._drivers.append(TraceDriver(load_trace(path), set_rate).start())
+
+    @property
+    def trace_changes(self) -> int:
+        """Rate changes the trace drivers have applied so far."""
+        return sum(d.changes for d in self._drivers)
 
     def _start_filler(self) -> None:
         specs = []
@@ -180,6 +201,7 @@ class KernelLink:
         """Proxy counters; link_up/link_down are Ethernet frame bytes, what the qdiscs meter;
         pkts_/lost_up/down count packets the loss stage saw and dropped (tbf with loss)."""
         s = self._proxy.stats()
+        s["rate_changes"] = self.trace_changes
         if self.profile.loss_pct and self.backend == "tbf":
             s["pkts_up"], s["lost_up"] = loss.counts(self.pair.server)
             s["pkts_down"], s["lost_down"] = loss.counts(self.pair.edge)
@@ -188,6 +210,9 @@ class KernelLink:
     def close(self) -> None:
         """Stop the proxy and filler and remove the qdiscs; safe to call twice."""
         self._proxy.close()
+        for driver in self._drivers:
+            driver.stop()
+        self._drivers = []
         filler, self._filler = self._filler, None
         if filler is not None:
             reap(filler, 5.0)

@@ -36,6 +36,8 @@ class LinkProfile:
     loss_pct: float = 0.0  # random packet loss in each direction, percent (independent per packet)
     burst_bytes: int = 0  # token-bucket depth (tc tbf's burst); 0: strict, every packet waits
     mtu: int = PACKET_BYTES  # largest IP packet on the link (the veth's MTU on kernel backends)
+    up_trace: str = ""  # rate-over-time trace for the uplink (Mahimahi or CSV; link/trace.py)
+    down_trace: str = ""  # up_kbit/down_kbit then default to the trace's mean (for the bound)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -167,6 +169,7 @@ def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
             raise SplitedgeError(
                 f"{path}: profile '{name}' has unknown keys {unknown}; allowed: {sorted(known)}"
             )
+        table = _with_traces(path, name, dict(table))
         missing = sorted(set(_REQUIRED) - set(table))
         if missing:
             raise SplitedgeError(f"{path}: profile '{name}' lacks {missing}; add them")
@@ -175,6 +178,24 @@ def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
         except ValueError as e:
             raise SplitedgeError(f"{path}: {e}") from None
     return profiles
+
+
+def _with_traces(path: Path, name: str, table: dict[str, object]) -> dict[str, object]:
+    """Resolve up_trace/down_trace against the links file's folder, check them, and default
+    the direction's rate to the trace's mean."""
+    from deploy.link.trace import load_trace
+
+    for direction in ("up", "down"):
+        value = table.get(f"{direction}_trace")
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise SplitedgeError(f"{path}: profile '{name}': {direction}_trace must be a file path")
+        trace_path = (path.parent / value).resolve()
+        trace = load_trace(trace_path)
+        table[f"{direction}_trace"] = str(trace_path)
+        table.setdefault(f"{direction}_kbit", round(trace.mean_kbit, 1))
+    return table
 
 
 def get_profile(name: str, path: str | Path | None = None) -> LinkProfile:

@@ -98,6 +98,16 @@ def shape(ns: str, dev: str, kind: str, rate_kbit: float, profile: LinkProfile) 
     run(["ip", "-n", ns, "link", "set", dev, "txqueuelen", str(TXQUEUELEN)])
 
 
+def set_rate(ns: str, dev: str, kind: str, rate_kbit: float, profile: LinkProfile) -> None:
+    """Change the rate of the root qdisc shape() made, in place (queue and child kept)."""
+    base = ["tc", "-n", ns, "qdisc", "change", "dev", dev, "root", "handle", "1:"]
+    if kind == "netem":
+        run([*base, *netem_args(rate_kbit, profile)])
+        return
+    strict = max(BURST_BYTES, profile.mtu + ETHERNET_HEADER + 86)
+    run([*base, *tbf_args(rate_kbit, profile.queue_bytes, profile.burst_bytes or strict)])
+
+
 def unshape(ns: str, dev: str) -> None:
     """Back to the default qdisc; fine if there was nothing to remove."""
     run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
