@@ -152,3 +152,14 @@ def test_a_table_file_of_the_wrong_size_is_refused(
     rc, out, err = _generate(bundle, capsys)
     assert rc == 2 and out == "" and f"is {(V + 1) * RECORD} bytes" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["[]", "{", '{"format": "splitedge-bundle/0"}'])
+def test_a_manifest_that_is_not_ours_is_refused(
+    text: str, fp16_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(fp16_bundle, bundle)
+    (bundle / "manifest.json").write_text(text)
+    rc, out, err = _generate(bundle, capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err

@@ -314,6 +314,7 @@ def _summarise(
                 "rss_loaded": hello[i]["rss_loaded"],
                 "optimized_ops": hello[i]["optimized_ops"],
                 "decoder_bytes": hello[i]["decoder_bytes"],
+                "decoder_sha256": m["files"].get(llm["decoder"]["onnx"]),
                 "after_first_generation": memory_after_first[i],
                 "after_all": final_memory[i],
                 "fold_check": llm.get("fold_check"),

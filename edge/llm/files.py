@@ -36,7 +36,9 @@ class BundleFiles:
         self.path = Path(source)
         if self.path.is_dir():
             self.root = self.path
-            self.manifest = read_manifest(self.path)
+            if not (self.path / MANIFEST).is_file():
+                read_manifest(self.path)  # its one-line "not a bundle" error
+            self.manifest = self._parse((self.path / MANIFEST).read_bytes())
         elif self.path.is_file() and tarfile.is_tarfile(self.path):
             self.root = self.path
             self.manifest = self._open_tar()
@@ -62,12 +64,18 @@ class BundleFiles:
             raise SplitedgeError(f"{self.path} is a tar without one {MANIFEST}; not a bundle")
         prefix = tops[0][: -len(MANIFEST)]
         self._members = {n[len(prefix) :]: m for n, m in names.items() if n.startswith(prefix)}
+        return self._parse(self._member_bytes(MANIFEST))
+
+    def _parse(self, data: bytes) -> dict[str, Any]:
+        """The manifest as an object in our format (one-line SplitedgeError otherwise)."""
         try:
-            manifest = json.loads(self._member_bytes(MANIFEST))
+            manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SplitedgeError(f"{self.path}: {MANIFEST} is not valid JSON ({e})") from None
+            raise SplitedgeError(
+                f"{self.path}: {MANIFEST} is not valid JSON ({e}); rebuild the bundle"
+            ) from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            got = manifest.get("format") if isinstance(manifest, dict) else None
+            got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
             raise SplitedgeError(
                 f"{self.path}: {MANIFEST} format is {got!r}, this splitedge reads {FORMAT!r}"
             )

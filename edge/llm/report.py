@@ -228,6 +228,14 @@ def _noise_note(result: dict[str, Any]) -> list[str]:
         j = b.get("baseline", 0)
         base = bundles[j]
         if i != j and b["meki"] == base["meki"] == "off" and b["shape"] == base["shape"]:
+            if b.get("decoder_sha256") != base.get("decoder_sha256"):
+                out.append(
+                    f"- {b['name']} is a dense bundle of {base['name']}'s shape with another "
+                    f"decoder file ({b.get('decoder_bytes', 0)} vs "
+                    f"{base.get('decoder_bytes', 0)} bytes) and ran at {b['gen_ratio']:.3f}x "
+                    "its speed."
+                )
+                continue
             out.append(
                 f"- A/A check: {b['name']} has the weights and graph of {base['name']} "
                 f"and ran in its own workers at {b['gen_ratio']:.3f}x its speed, so ratios "

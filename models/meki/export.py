@@ -178,8 +178,12 @@ def tie_output_head(graph: Any) -> int:
     return 0
 
 
-def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:
-    """Export the KV-cached decoder step (any number of new tokens) to ONNX; return its spec."""
+def export_decoder(model: MeKiGPT, path: Path, tie: bool = True) -> dict[str, Any]:
+    """Export the KV-cached decoder step (any number of new tokens) to ONNX; return its spec.
+
+    tie=False keeps torch's separate transposed copy of the embedding for the output head
+    (how decoders were exported before), for side-by-side comparisons.
+    """
     cfg = model.cfg
     model.eval()
     inputs, outputs = io_names(cfg.n_layer, cfg.has_memory)
@@ -219,7 +223,7 @@ def export_decoder(model: MeKiGPT, path: Path) -> dict[str, Any]:
 
     graph = onnx.load(str(path), load_external_data=False)
     merged = merge_add_chains(graph.graph)
-    tied = tie_output_head(graph.graph)
+    tied = tie_output_head(graph.graph) if tie else 0
     if merged or tied:
         onnx.save(graph, str(path))
     nodes = len(graph.graph.node)

@@ -62,11 +62,13 @@ def fold_run(
     version: str = "1.0.0",
     val_tokens: int = 16384,
     dense_twin: Path | None = None,
+    tie_embedding: bool = True,
 ) -> dict[str, Any]:
     """Build an llm bundle in `out` from run_dir (ckpt.pt, tokenizer.json, val_tokens.bin); its manifest.
 
     dense_twin: a dense bundle of the same shape; its figures (perplexity on this bundle's
     validation tokens, parameters, decoder bytes, training) are recorded as `llm.dense_twin`.
+    tie_embedding=False stores the output head's own copy of the embedding (for comparisons).
     """
     if dtype not in TABLE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TABLE_DTYPES)}, got {dtype!r}")
@@ -84,7 +86,7 @@ def fold_run(
     if cfg.has_memory:
         table = model.fold_tables().numpy()  # (V, L, d_mem) fp32
         table_entry = write_table(table, out / "table.bin", TABLE_DTYPES[dtype])
-    decoder = export_decoder(model, out / "decoder.onnx")
+    decoder = export_decoder(model, out / "decoder.onnx", tie=tie_embedding)
     fold_seconds = time.perf_counter() - t0
     result = ckpt["result"]
     manifest: dict[str, Any] = {

@@ -45,6 +45,12 @@ def add_llm_parser(sub: argparse._SubParsersAction, handlers: dict[str, Handler]
         help="validation tokens shipped for on-device perplexity (default: %(default)s)",
     )
     f.add_argument(
+        "--untied-head",
+        action="store_true",
+        help="store the output head's own transposed copy of the embedding in decoder.onnx, "
+        "as before the head was tied; for speed comparisons (default: one shared embedding)",
+    )
+    f.add_argument(
         "--dense-twin",
         type=Path,
         default=None,

@@ -105,6 +105,7 @@ def fold(args: argparse.Namespace) -> int:
             args.version,
             args.val_tokens,
             dense_twin=args.dense_twin,
+            tie_embedding=not args.untied_head,
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
