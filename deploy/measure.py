@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy import remote
 from deploy.cell_store import CellStore
 from deploy.clients import ClientGroup
 from deploy.link import netns
@@ -68,6 +69,9 @@ class MeasureConfig:
     env: str | None = None  # id or entry point; None: the bundle's recorded env or task
     env_kwargs: dict[str, Any] | None = None  # None: the bundle's recorded kwargs
     links_file: Path | None = None  # the user's links TOML; None: deploy/links.toml
+    server: str | None = None  # HOST:PORT of a running server: measured as it is, no emulation
+    server_up_kbit: float | None = None  # the user's link rates to it, for the bound
+    server_down_kbit: float | None = None
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -164,6 +168,7 @@ class Sweep:
     backend: BackendChoice
     notes: list[str] = field(default_factory=list)
     env: str = ""  # the env the edge clients ran
+    profiles: dict[str, Any] = field(default_factory=dict)  # name -> the profile measured
 
 
 def idle_cpu_rate(server: ServerProcess, windows: int = 4, seconds: float = 0.75) -> float:
@@ -320,13 +325,22 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
 
     With a store, --out is checked writable before anything starts, each finished cell is
     written as it completes, and cells a previous run of the same sweep finished are reused."""
-    profiles = check_links(cfg)
     env = check_env(cfg.bundle, cfg.env, cfg.env_kwargs)
-    choice = choose_backend(cfg.link_backend)
+    if cfg.server:
+        remote.split_address(cfg.server)
+        remote.check_server(cfg.bundle, cfg.server, "split")
+        rtt = remote.measured_rtt_ms(cfg.server)
+        profiles = [
+            remote.remote_profile(cfg.server, rtt, cfg.server_up_kbit, cfg.server_down_kbit)
+        ]
+        choice = BackendChoice("remote", [f"no emulation: measured against {cfg.server} as it is"])
+    else:
+        profiles = check_links(cfg)
+        choice = choose_backend(cfg.link_backend)
     lacking = [why for p in profiles if (why := unsupported(p, choice.name))]
     if lacking:
         raise SplitedgeError("; ".join(lacking))
-    sweep = Sweep([], choice, env=env)
+    sweep = Sweep([], choice, env=env, profiles={p.name: asdict(p) for p in profiles})
     if any(p.loss_pct for p in profiles):
         sweep.notes.append(f"packet loss by {loss_method(choice.name)}")
     for p in profiles:
@@ -363,12 +377,16 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
     bar = _progress(total, progress)
     try:
         root = load_bundle(cfg.bundle).root
-        with shaped_server(root, choice, sweep.notes) as (server, pair):
+        target = (
+            remote.remote(cfg.server) if cfg.server else shaped_server(root, choice, sweep.notes)
+        )
+        with target as (server, pair):
             host, port = server.address.rsplit(":", 1)
-            idle = idle_cpu_rate(server)
-            sweep.notes.append(
-                f"server idle CPU {1e3 * idle:.1f} ms/s, subtracted from server_cpu_ms"
-            )
+            idle = 0.0 if cfg.server else idle_cpu_rate(server)
+            if not cfg.server:
+                sweep.notes.append(
+                    f"server idle CPU {1e3 * idle:.1f} ms/s, subtracted from server_cpu_ms"
+                )
             for profile in dict.fromkeys(p for p, *_ in plan):
                 with open_link(choice.name, profile, (host, int(port)), pair, cfg.seed) as link:
                     for _, mode, n, key, fp in (c for c in plan if c[0] == profile):
@@ -433,7 +451,8 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
         "notes": sweep.notes,
         "env": sweep.env,
         "encoder": cells[0].encoder if cells else "",
-        "profiles": {p: asdict(get_profile(p, cfg.links_file)) for p in cfg.links},
+        "profiles": sweep.profiles
+        or {p: asdict(get_profile(p, cfg.links_file)) for p in cfg.links},
         "rows": [c.row() for c in cells],
         "latencies_ms": {cell_key(c): c.latencies() for c in cells},
     }

@@ -247,6 +247,8 @@ def open_link(
     """A not yet started link of backend `choice` in front of the server at `server`."""
     if choice == "proxy":
         return ProxyProcess(profile, server, seed=seed)
+    if choice == "remote":  # a real path: only count the bytes that cross it
+        return ProxyProcess(profile, server, rate=False, delay=False, seed=seed)
     if pair is None:
         raise ValueError(f"the {choice} backend needs a NamespacePair")
     return KernelLink(pair, profile, choice, server[1], seed=seed)

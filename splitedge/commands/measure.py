@@ -37,6 +37,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: deploy/links.toml)",
     )
     p.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help="measure against this running policy server instead of starting one, with no "
+        "emulation (--links ignored); TLS/token from SPLITEDGE_CA/CERT/KEY/TOKEN_FILE/TLS_NAME",
+    )
+    p.add_argument(
+        "--server-up-kbit",
+        type=float,
+        default=None,
+        help="with --server: your uplink rate for the bound (default: not charged)",
+    )
+    p.add_argument(
+        "--server-down-kbit",
+        type=float,
+        default=None,
+        help="with --server: your downlink rate for the bound (default: not charged)",
+    )
+    p.add_argument(
         "--modes",
         default="split,raw,raw-png",
         help="comma-separated: split, raw, raw-png, raw-jpeg (default: %(default)s)",
@@ -112,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     cfg = MeasureConfig(
         bundle=args.bundle,
-        links=_split(args.links),
+        links=["remote"] if args.server else _split(args.links),
         modes=_split(args.modes),
         steps=args.steps,
         warmup=args.warmup,
@@ -125,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         env=args.env,
         env_kwargs=env_kwargs(args.env_kwargs),
         links_file=args.links_file,
+        server=args.server,
+        server_up_kbit=args.server_up_kbit,
+        server_down_kbit=args.server_down_kbit,
     )
     store = CellStore(args.out, resume=not args.no_resume)
     if args.self_check:
