@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export EGL_PLATFORM ?= surfaceless
 LINT_PATHS := splitedge edge server deploy models tests
 
-.PHONY: install demo test lint protos clean
+.PHONY: install demo test test-slow lint protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +26,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy edge server splitedge
 
+# Two workers, one per core; a test file stays on one worker (its module fixtures are built once).
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
+
+# The slow end-to-end tests that CI leaves out (see the slow marker in pyproject.toml).
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/policy.proto

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,18 +17,37 @@ ROOT = Path(__file__).resolve().parents[1]
 ZOO_BUNDLE = ROOT / "models" / "zoo" / "cartpole-ppo"
 
 
+def _built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]
+) -> Path:
+    """build(out) once per test run, shared by every pytest-xdist worker (each is a process)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    from filelock import FileLock  # torch's dependency, so always there with the train extra
+
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    out, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PPO split policy trained for a few hundred steps: model.zip + result.json."""
     from models.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("run")
-    train(
-        TrainConfig(timesteps=512, n_envs=2, hyper={"n_steps": 128, "batch_size": 64}),
-        out,
-        progress=False,
-    )
-    return out
+    def build(out: Path) -> None:
+        cfg = TrainConfig(timesteps=512, n_envs=2, hyper={"n_steps": 128, "batch_size": 64})
+        train(cfg, out, progress=False)
+
+    return _built_once(tmp_path_factory, "run", build)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +55,7 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A policy bundle exported from tiny_run."""
     from models.export import export_policy
 
-    out = tmp_path_factory.mktemp("bundle") / "tiny-cartpole"
-    export_policy(tiny_run / "model.zip", out, "tiny-cartpole", "0.0.1")
-    return out
+    def build(out: Path) -> None:
+        export_policy(tiny_run / "model.zip", out / "tiny-cartpole", "tiny-cartpole", "0.0.1")
+
+    return _built_once(tmp_path_factory, "bundle", build) / "tiny-cartpole"

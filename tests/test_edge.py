@@ -41,14 +41,15 @@ class ScriptedPolicy(pb_grpc.PolicyServicer):
     """A stand-in server whose replies can be delayed, to test deadlines without a real one."""
 
     def __init__(self) -> None:
-        self.delay_s = 0.0
+        self.open = threading.Event()  # cleared: every reply is held until it is set again
+        self.open.set()
         self.action = 1
 
     def Hello(self, request, context):  # noqa: N802 (gRPC method names)
         return pb.HelloReply(session_id=7, bundle_name=request.bundle_name)
 
     def _reply(self, request: pb.ActRequest) -> pb.ActReply:
-        time.sleep(self.delay_s)
+        self.open.wait()
         return pb.ActReply(step=request.step, action=to_tensor(np.array([self.action], np.int64)))
 
     def Act(self, request, context):  # noqa: N802
@@ -74,27 +75,37 @@ def _frame() -> np.ndarray:
 
 def test_deadline_gives_fallback_then_recovers(tiny_bundle: Path) -> None:
     server, servicer, port = _scripted_server()
+    deadline_s = 0.5  # a local reply takes milliseconds: 100x headroom on a loaded machine
     for rpc in ("stream", "unary"):
         cfg = ClientConfig(
             server=f"127.0.0.1:{port}",
-            deadline_s=0.15,
+            deadline_s=deadline_s,
             rpc=rpc,
             fallback="last",
             backoff_s=(0.01, 0.05),
         )
         with PolicyClient(load_bundle(tiny_bundle), cfg).connect() as client:
-            servicer.delay_s, servicer.action = 0.0, 1
-            assert client.act(_frame()) == 1 and not client.last.fallback
-            servicer.delay_s = 0.5
-            t0 = time.perf_counter()
-            assert client.act(_frame()) == 1  # the last action, not a hang
-            assert time.perf_counter() - t0 < 0.5
+            servicer.open.set()
+            servicer.action = 1
+            assert client.act(_frame()) == 1 and not client.last.fallback, client.last.error
+            servicer.open.clear()  # the server holds its reply
+            release = threading.Timer(20 * deadline_s, servicer.open.set)  # should act hang
+            release.start()
+            assert client.act(_frame()) == 1  # the last action, not a hang:
+            assert not servicer.open.is_set()  # it came back while the reply was still held
+            release.cancel()
             assert client.last.fallback and "DEADLINE" in client.last.error
-            servicer.delay_s, servicer.action = 0.0, 0
-            time.sleep(0.6)  # let the slow reply drain and the backoff pass
-            actions = [client.act(_frame()) for _ in range(3)]
-            assert actions[-1] == 0 and not client.last.fallback
-            assert client.fallbacks == 1 + actions.count(1)
+            servicer.action = 0
+            servicer.open.set()  # the held reply drains; the backoff passes
+            # Recovers: real actions again (bug: a client that never reconnects). Polled, with a
+            # limit far past the 0.05 s backoff, instead of a fixed sleep a loaded machine outruns.
+            fell_back = 0
+            end = time.monotonic() + 30
+            while (client.act(_frame()), client.last.fallback) != (0, False):
+                fell_back += 1
+                assert time.monotonic() < end, client.last.error
+                time.sleep(0.01)
+            assert client.fallbacks == 1 + fell_back
             assert client.reconnects >= 1
     server.stop(0)
 

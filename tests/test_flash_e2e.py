@@ -36,7 +36,8 @@ needs_ssh = pytest.mark.skipif(
     not (Path("/usr/sbin/sshd").is_file() and shutil.which("rsync") and shutil.which("ssh")),
     reason="needs openssh-server, openssh-client and rsync (apt-get install -y openssh-server rsync)",
 )
-pytestmark = [needs_ssh, pytest.mark.timeout(300)]
+# slow end to end (`make test-slow`): flashes an emulated device (sshd, rsync, venv)
+pytestmark = [needs_ssh, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _sha(p: Path) -> str:
@@ -202,6 +203,18 @@ def _staged_release(env: dict, bundle: Path, out: Path) -> None:
     )
 
 
+def _wait_for_bytes(folder: Path, limit_s: float = 60.0) -> None:
+    """Poll until some file under folder has bytes in it, or limit_s passes."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        try:
+            if any(p.is_file() and p.stat().st_size for p in folder.rglob("*")):
+                return
+        except OSError:  # rsync renamed or removed a file as we looked
+            pass
+        time.sleep(0.01)
+
+
 def test_killed_transfers_leave_the_previous_release_active_and_healthy(env: dict) -> None:
     from deploy.flash.flasher import health_of_current
     from deploy.flash.transport import Target, Transport
@@ -224,6 +237,8 @@ def test_killed_transfers_leave_the_previous_release_active_and_healthy(env: dic
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        if not kill_points:  # the first kill waits for bytes to arrive: a loaded machine may
+            _wait_for_bytes(root / "incoming" / V3)  # take longer than any delay to start rsync
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -101,6 +101,7 @@ def _flash(env: dict, bundle: Path) -> list[str]:
 
 
 @needs_ssh
+@pytest.mark.slow  # flashes an emulated device (sshd, rsync, venv): `make test-slow`
 @pytest.mark.timeout(300)
 def test_llm_flash_passes_its_probe_on_the_device(env: dict) -> None:
     root: Path = env["dev"].root
@@ -133,6 +134,7 @@ def test_llm_flash_passes_its_probe_on_the_device(env: dict) -> None:
 
 
 @needs_ssh
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_corrupted_table_is_refused_and_a_wrong_probe_rolls_back(env: dict) -> None:
     from deploy.flash.package import stage_release

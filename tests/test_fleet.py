@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from tests.conftest import ZOO_BUNDLE
 CLIENTS, REPLICAS = 16, 3
 STEP_S = 0.02  # a 50 Hz control loop
 MAX_FALLBACKS = 5  # per client, for losing one replica: its calls in flight + one backoff
+AFTER_KILL_OK = 25  # real actions each client must get from the survivors after the kill
+LIMIT_S = 60.0  # how long to wait for each phase; on a quiet machine each takes ~2 s
 
 
 @dataclass
@@ -54,6 +56,16 @@ class Replica:
             for line in self._metrics()
             if line.startswith("splitedge_open_streams ")
         )
+
+
+def wait_for(condition: Callable[[], bool]) -> bool:
+    """Poll condition until it holds or LIMIT_S passes; whether it held."""
+    end = time.monotonic() + LIMIT_S
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture
@@ -132,15 +144,18 @@ def test_clients_keep_acting_when_a_replica_is_killed(replicas: list[Replica]) -
     for d in devices:
         d.start()
     try:
-        time.sleep(2.0)
+        # round-robin: every replica gets work (polled: a loaded machine gets there later)
+        assert wait_for(lambda: all(r.decisions() > 0 for r in replicas))
+        assert wait_for(lambda: min(d.actions for d in devices) >= 10)  # every client is acting
         before = [r.decisions() for r in replicas]
-        assert all(n > 0 for n in before), before  # round-robin: every replica had work
         # the replica holding the most streams (8 over 3: at least 3), so the kill is felt
         streams = [r.open_streams() for r in replicas]
         victim = replicas[streams.index(max(streams))]
         victim.server.proc.send_signal(signal.SIGKILL)
         killed_at.append(time.monotonic())
-        time.sleep(3.0)
+        # every client goes on getting real actions from the survivors (bug: clients stuck on
+        # the dead replica). Counted, not timed: ~1 s on a quiet machine, LIMIT_S at most.
+        wait_for(lambda: min(d.after_kill_ok for d in devices) >= AFTER_KILL_OK)
     finally:
         stop.set()
         for d in devices:
@@ -152,8 +167,7 @@ def test_clients_keep_acting_when_a_replica_is_killed(replicas: list[Replica]) -
         (f, sorted(set(d.errors))) for f, d in zip(fallbacks, devices, strict=True)
     ]
     assert sum(fallbacks) >= max(streams) >= 3  # each stream on the victim broke: a fallback
-    # every client kept getting real actions from the survivors, for most of the 3 s after it
-    assert min(d.after_kill_ok for d in devices) >= 0.5 * 3.0 / STEP_S / 3, [
+    assert min(d.after_kill_ok for d in devices) >= AFTER_KILL_OK, [
         d.after_kill_ok for d in devices
     ]
     alive = [i for i, r in enumerate(replicas) if r is not victim]
@@ -189,9 +203,14 @@ def test_reconnects_while_acting_faster_than_the_backoff(tiny_bundle: Path) -> N
         server.servicer.close()
         server, _ = create_server(cfg)
         server.start()
-        end = time.monotonic() + 2.0
+        # acting every STEP_S, faster than the backoff: it must still reconnect (bug: each act
+        # during the backoff re-armed it, so it never did). Polled up to LIMIT_S, 30x the
+        # longest backoff, rather than for a fixed 2 s that a loaded machine may not fit.
+        end = time.monotonic() + LIMIT_S
         while time.monotonic() < end:
             client.act(frame)
+            if client.reconnects >= 1 and not client.last.fallback:  # type: ignore[union-attr]
+                break
             time.sleep(STEP_S)
         assert client.reconnects >= 1 and not client.last.fallback  # type: ignore[union-attr]
     finally:

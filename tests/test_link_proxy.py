@@ -130,43 +130,79 @@ def concurrent_exchanges_ms(socks: list[socket.socket], upload: bytes) -> list[f
     return sorted((d - t0[0]) * 1e3 for d in done)
 
 
+def sized_ack_server(conn: socket.socket) -> None:
+    """Read a 4-byte length and that many bytes, answer 1 byte, repeat: any upload size."""
+    while True:
+        recv_exact(conn, int.from_bytes(recv_exact(conn, 4), "big"))
+        conn.sendall(b"a")
+
+
+def sized(n: int) -> bytes:
+    """An upload of n bytes in all for sized_ack_server (a 4-byte length, then padding)."""
+    return (n - 4).to_bytes(4, "big") + b"u" * (n - 4)
+
+
+# Upper bounds on a wall-clock time: a loaded machine only ever adds to it, so each is either
+# 10x the expected value (catching unit and pacing bugs that cost far more) or is a difference
+# against a reference exchange timed in the same run, which pays the same load.
+SLACK = 10.0
+
+
 @pytest.mark.parametrize("upload", [28 * 1024, 512], ids=["28KiB", "512B"])
 def test_exchange_takes_round_trip_plus_serialisation(serve, upload: int) -> None:
-    theory_ms = 2 * 20 + upload * 8 / 1000 + 1 * 8 / 1000  # 269.384 ms and 44.104 ms
+    serialise_ms = upload * 8 / 1000
+    theory_ms = 2 * 20 + serialise_ms + 1 * 8 / 1000  # 269.384 ms and 44.104 ms
     reps = 5
-    with LinkProxy(MBIT_20MS, serve(ack_server(upload, 1))) as proxy, connect(proxy) as sock:
-        exchange_ms(sock, b"u" * upload, 1)  # warm-up: first exchange on the connection
-        times = [exchange_ms(sock, b"u" * upload, 1) for _ in range(reps)]
+    with LinkProxy(MBIT_20MS, serve(sized_ack_server)) as proxy, connect(proxy) as sock:
+        exchange_ms(sock, sized(upload), 1)  # warm-up: first exchange on the connection
+        times, refs = [], []
+        for _ in range(reps):  # interleaved, so load hits both alike
+            times.append(exchange_ms(sock, sized(upload), 1))
+            refs.append(exchange_ms(sock, sized(4), 1))  # the same link at (almost) no payload
         stats = proxy.stats()
-    median = statistics.median(times)
+    median, ref = statistics.median(times), statistics.median(refs)
     print(
-        f"\n{upload} B up, 1 B down over 1 Mbit/s 20 ms: median {median:.3f} ms, theory {theory_ms:.3f} ms, all {[round(t, 2) for t in times]}"
+        f"\n{upload} B up, 1 B down over 1 Mbit/s 20 ms: median {median:.3f} ms, theory {theory_ms:.3f} ms, 4 B reference {ref:.3f} ms, all {[round(t, 2) for t in times]}"
     )
-    assert median == pytest.approx(theory_ms, rel=0.05)
-    assert median >= theory_ms - 0.5  # the link's floor cannot be beaten
-    assert stats["bytes_up"] == (reps + 1) * upload
-    assert stats["bytes_down"] == (reps + 1) * 1
+    assert median >= theory_ms - 0.5  # the link's floor cannot be beaten (rate or delay missing)
+    assert min(refs) >= 2 * 20 + 4 * 8 / 1000 - 0.5  # nor at no payload: both delays are paid
+    # Delay in the wrong unit, or a stall per exchange: many times the expected time.
+    assert median <= SLACK * theory_ms
+    if serialise_ms > 100:  # same-run reference: the payload costs its serialisation, once
+        # (bug: bytes paced twice, or each packet waiting out the delay in turn: >= 2x)
+        assert median - ref <= 1.5 * serialise_ms
+    assert stats["bytes_up"] == (reps + 1) * upload + reps * 4
+    assert stats["bytes_down"] == (2 * reps + 1) * 1
     assert stats["connections"] == 1
 
 
 def test_two_connections_share_the_link_rate(serve) -> None:
     upload = 28 * 1024
-    alone_ms = 2 * 20 + upload * 8 / 1000 + 8 / 1000
-    both_ms = 2 * 20 + 2 * upload * 8 / 1000 + 8 / 1000  # the later reply waits for both uploads
+    serialise_ms = upload * 8 / 1000
+    alone_theory_ms = 2 * 20 + serialise_ms + 8 / 1000
+    both_ms = 2 * 20 + 2 * serialise_ms + 8 / 1000  # the later reply waits for both uploads
     with LinkProxy(MBIT_20MS, serve(ack_server(upload, 1))) as proxy:
         socks = [connect(proxy), connect(proxy)]
         for sock in socks:
             exchange_ms(sock, b"u" * upload, 1)  # warm-up
-        finished = [concurrent_exchanges_ms(socks, b"u" * upload) for _ in range(3)]
+        finished, alone = [], []
+        for _ in range(3):  # interleaved with one upload alone: the same-run reference
+            finished.append(concurrent_exchanges_ms(socks, b"u" * upload))
+            alone.append(exchange_ms(socks[0], b"u" * upload, 1))
         for sock in socks:
             sock.close()
     first = statistics.median(f[0] for f in finished)
     last = statistics.median(f[1] for f in finished)
+    alone_ms = statistics.median(alone)
     print(
-        f"\ntwo 28 KiB uploads at once: both done after {last:.3f} ms (theory {both_ms:.3f}); first after {first:.3f} (alone {alone_ms:.3f})"
+        f"\ntwo 28 KiB uploads at once: both done after {last:.3f} ms (theory {both_ms:.3f}); first after {first:.3f}; one alone {alone_ms:.3f}"
     )
-    assert last == pytest.approx(both_ms, rel=0.05)
-    assert first >= alone_ms - 0.5
+    # Floor: 56 KiB cannot cross 1 Mbit/s faster (bug: each connection got the whole rate).
+    assert last >= both_ms - 0.5
+    assert first >= alone_theory_ms - 0.5  # nor can either upload beat its own serialisation
+    # Same-run reference: the second upload adds its own serialisation to one alone, not
+    # twice that (bug: the line idles or is paced twice when two connections take turns).
+    assert last - alone_ms <= 1.5 * serialise_ms
 
 
 def test_full_queue_stops_reading_instead_of_buffering(serve) -> None:
@@ -190,8 +226,13 @@ def test_full_queue_stops_reading_instead_of_buffering(serve) -> None:
     )
     assert ok == b"\x01", "bytes arrived corrupted or out of order"
     # At most the limit plus one packet-sized read; and the limit was actually reached.
+    # (bug: the proxy reads everything the client sends into an unbounded buffer)
     assert queue - 1500 <= stats["queue_peak_up"] <= queue + 1500
-    assert took_ms == pytest.approx(theory_ms, rel=0.05)
+    assert took_ms >= theory_ms - 0.5  # backpressure must not let bytes skip the line
+    # A paused reader resumes on its own timer (bug: it waited for a stall or the next write,
+    # seconds in all). How promptly it resumes depends on the scheduler, so on a loaded
+    # machine the line may idle a little between reads: only 10x is a failure here.
+    assert took_ms <= SLACK * theory_ms
 
 
 def test_jitter_spreads_delay_but_keeps_bytes_in_order(serve) -> None:
@@ -217,11 +258,11 @@ def test_jitter_spreads_delay_but_keeps_bytes_in_order(serve) -> None:
         f"\n100 B ping with +-{jitter} ms jitter: {min(rtts):.2f}..{max(rtts):.2f} ms, median {statistics.median(rtts):.2f} (jitter-free {2 * delay + serialise:.2f})"
     )
     assert echoed == b"\xff" + sent[1:], "jitter must not reorder bytes"
-    assert min(rtts) >= 2 * (delay - jitter) + serialise - 0.2
-    # The floor is physics; the ceiling holds for most exchanges, but a loaded machine may
-    # deschedule any one of them, so it is checked on the 80th percentile, not the max.
-    assert sorted(rtts)[int(0.8 * len(rtts))] <= 2 * (delay + jitter) + serialise + 2.0
-    assert max(rtts) - min(rtts) > jitter  # jitter is really applied
+    assert min(rtts) >= 2 * (delay - jitter) + serialise - 0.2  # the floor is physics
+    # That draws stay within +-jitter is test_link_model's (no clock); here only gross
+    # errors: jitter in the wrong unit or unbounded draws cost 10x the jitter-free ceiling.
+    assert statistics.median(rtts) <= SLACK * (2 * (delay + jitter) + serialise)
+    assert max(rtts) - min(rtts) > jitter  # jitter is really applied (load only widens it)
 
 
 def test_half_close_reaches_the_server_and_the_reply_comes_back(serve) -> None:

@@ -351,8 +351,9 @@ def test_reflection_lists_the_policy_service(served: Served) -> None:
 def test_concurrent_clients_are_batched_and_each_gets_its_own_action(tiny_bundle: Path) -> None:
     import threading
 
-    # a long delay with max_batch = clients: the batcher waits until all of them are in
-    s = start(tiny_bundle, max_batch=6, max_delay_ms=2000.0)
+    # a long delay with max_batch = clients: the batcher waits until all of them are in (half
+    # the call deadline T, so a loaded machine starting the six threads slowly cannot split it)
+    s = start(tiny_bundle, max_batch=6, max_delay_ms=T * 1000 / 2)
     try:
         feats = random_features(s, 6, seed=7)
         want = reference(s.bundle, "head.onnx", feats).tolist()

@@ -20,8 +20,10 @@ from tests.conftest import ZOO_BUNDLE
 from tests.test_server import T, action_of, reference
 from tests.test_server_serve import SERVING
 
-HOLD_S = 1.5  # the batcher holds the first request this long waiting for company
-GRACE_S = 8.0
+# The batcher holds the first request this long waiting for company: long enough that on a
+# loaded machine everything below up to the answers happens while it is still held.
+HOLD_S = 5.0
+GRACE_S = 60.0  # far past HOLD_S, so a server that waits out its grace is unmistakable
 IN_FLIGHT = 12
 
 
@@ -89,7 +91,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero() -> None:
             )
             for i, q in enumerate(feats[:IN_FLIGHT])
         ]
-        time.sleep(0.5)  # all queued in the held batch, none answered yet
+        time.sleep(1.0)  # all queued in the held batch, none answered yet
         assert not any(f.done() for f in futures)
         server.proc.send_signal(signal.SIGTERM)
         t_term = time.monotonic()
@@ -98,14 +100,18 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero() -> None:
         with grpc.insecure_channel(server.address) as fresh:  # a new client, while draining
             new_call = _status_of(
                 lambda: pb_grpc.PolicyStub(fresh).Hello(
-                    pb.HelloRequest(mode=pb.MODE_RAW), timeout=2
+                    pb.HelloRequest(mode=pb.MODE_RAW), timeout=T
                 )
             )
         assert not any(f.done() for f in futures)  # (still draining when it was refused)
         idle_ended = _status_of(lambda: list(idle_call))
         t_idle = time.monotonic() - t_term
+        # the idle stream ended before the held batch was answered: it waited neither for that
+        # batch nor for the grace period (a same-run ordering, not a number of seconds)
+        assert not any(f.done() for f in futures)
         # every request in flight at SIGTERM is answered, correctly
         assert [action_of(f.result(timeout=T)) for f in futures] == want[:IN_FLIGHT]
+        t_answered = time.monotonic() - t_term
         busy_replies: list[int] = []
         busy_end = _status_of(lambda: [busy_replies.append(action_of(r)) for r in busy_call])
         assert busy_replies == want[IN_FLIGHT:]  # its request in flight was answered, then
@@ -116,8 +122,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero() -> None:
         channel.close()
         server.stop()
     assert idle_ended[0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in idle_ended[1]
-    assert t_idle < HOLD_S  # the idle stream did not wait for the held batch, nor for grace
-    assert t_exit < HOLD_S + 2.0 < GRACE_S  # out as soon as the last in-flight batch was done
+    print(
+        f"\nafter SIGTERM: idle stream ended {t_idle:.2f} s, answered {t_answered:.2f} s, exit {t_exit:.2f} s"
+    )
+    # Out once the last in-flight batch was done (bug: waiting out the 60 s grace period):
+    # measured from the answers in this run; 15 s is over 10x a loaded machine's exit.
+    assert t_exit - t_answered < GRACE_S / 4
     assert new_call[0] == grpc.StatusCode.UNAVAILABLE
 
 

@@ -205,12 +205,15 @@ def test_service_loop_against_a_real_server(tmp_path: Path) -> None:
             import time
 
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            for _ in range(200):
+            end = time.monotonic() + 60  # until the service opens its sink (later under load)
+            while True:
                 try:
                     s.connect(str(tmp_path / "a.sock"))
                     break
                 except OSError:
-                    time.sleep(0.02)
+                    if time.monotonic() > end:
+                        raise
+                    time.sleep(0.002)
             buf = b""
             s.settimeout(30)
             while not done.is_set():

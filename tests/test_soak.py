@@ -79,7 +79,10 @@ def test_soak_command_runs_and_samples_every_interval(
     counted = sum(w["decisions_s"] * (w["to_s"] - w["from_s"]) for w in doc["windows"])
     assert counted == pytest.approx(doc["decisions"], abs=1.0)
     assert doc["decisions"] > 10
-    assert abs(len(doc["samples"]) - doc["seconds"] / 0.5) <= 3  # a sample every 0.5 s
+    # a sample every 0.5 s: never more often (a floor), and a loaded machine may stretch the
+    # gaps but not 10-fold (bug: the interval in the wrong unit, or one sample at the end)
+    gaps = np.diff([s["t_s"] for s in doc["samples"]])
+    assert len(gaps) >= 2 and gaps.min() >= 0.5 * 0.95 and np.median(gaps) <= 10 * 0.5, gaps
     assert all(s["rss_mb"] > 10 for s in doc["samples"])
     assert {d["metric"] for d in doc["drift"]} >= {"decisions_s", "p50_ms", "rss_mb"}
     assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -40,19 +41,34 @@ def test_vcgencmd_and_tegrastats_parsing() -> None:
     assert len(temps) == 6
 
 
+def _wait(condition: Callable[[], bool], limit_s: float = 60.0) -> bool:
+    """Poll condition until it holds or limit_s passes (a loaded machine starts Python slowly)."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_sampler_sees_a_busy_process_and_its_memory() -> None:
     spin = subprocess.Popen([sys.executable, "-c", "b = bytearray(64 << 20)\nwhile True: b[0] = 1"])
     try:
-        time.sleep(0.5)  # let it allocate
+        assert _wait(lambda: psutil.Process(spin.pid).memory_info().rss > 64 * 2**20)  # allocated
         sampler = Sampler(interval_s=0.2, pid=spin.pid).start()
-        time.sleep(1.3)
+        t0 = time.perf_counter()
+        assert _wait(lambda: len(sampler.samples) >= 5)  # counted, not a fixed 1.3 s
         samples = sampler.stop()
+        took_s = time.perf_counter() - t0
         rss_now = psutil.Process(spin.pid).memory_info().rss / 2**20
     finally:
         spin.kill()
         spin.wait()
-    assert 4 <= len(samples) <= 8
-    assert all(b.t_s > a.t_s for a, b in zip(samples, samples[1:], strict=False))
+    gaps = [b.t_s - a.t_s for a, b in zip(samples, samples[1:], strict=False)]
+    # A sample per interval: never more often (a floor load cannot break); a loaded machine may
+    # only stretch the gaps. Bug caught: an interval taken in the wrong unit, or no wait at all.
+    assert len(samples) <= took_s / 0.2 + 1
+    assert min(gaps) >= 0.2 * 0.95, gaps
     assert samples[-1].rss_mb == pytest.approx(rss_now, rel=0.1)
     assert samples[-1].rss_mb > 64  # the bytearray is resident
     assert max(s.cpu_pct for s in samples) > 10  # a spinning process shows up as busy
