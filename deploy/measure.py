@@ -124,6 +124,7 @@ class Cell:
     loss_up_pct: float = 0.0  # packets the loss stage dropped in this cell, per direction
     loss_down_pct: float = 0.0
     rate_changes: int = 0  # rate-trace steps applied to the shaper during this cell
+    retrans: int = 0  # TCP segments retransmitted across the link in this cell (kernel paths)
 
     def latencies(self) -> list[float]:
         """Per-step decision latency of the steps that did not fall back."""
@@ -157,6 +158,7 @@ class Cell:
             "loss_up_pct": self.loss_up_pct,
             "loss_down_pct": self.loss_down_pct,
             "rate_changes": self.rate_changes,
+            "retrans": self.retrans,
         }
 
 
@@ -223,6 +225,7 @@ def measure_cell(
         if (sent := after.get(f"pkts_{d}", 0) - before.get(f"pkts_{d}", 0)) > 0
     }
     changes = after.get("rate_changes", 0) - before.get("rate_changes", 0)
+    retrans = after.get("retrans", 0) - before.get("retrans", 0)
     per = {
         k: (after[k] - before[k]) / n
         for k in ("link_up", "link_down", "bound_up", "bound_down", "bytes_up", "bytes_down")
@@ -239,7 +242,7 @@ def measure_cell(
         bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds,
         server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
         loss_up_pct=lost.get("up", 0.0), loss_down_pct=lost.get("down", 0.0),
-        rate_changes=changes,
+        rate_changes=changes, retrans=retrans,
     )  # fmt: skip
 
 

@@ -27,12 +27,27 @@ METHOD = {
     "for its own transmission time as on a real serial link (a token bucket would otherwise "
     "pass a lone small packet in 0 ms). The userspace emulator, in the edge namespace with its "
     "own rate shaping off, adds the one-way delay and jitter in each direction.",
+    "remote": "No emulation: the edge clients run here against the running server named by "
+    "--server; a counting-only loopback proxy reads the bytes, and the bound's round trip is "
+    "the median TCP connect time to it.",
     "proxy": "A userspace TCP proxy (deploy/link) serialises each direction at the profile's "
     "rate and adds the one-way delay and jitter; edge clients dial it on loopback.",
 }
 SLOW_LINK_KBIT = 1000  # the issue's bars apply to links with a direction this slow or slower
 SPEEDUP_BAR = 5.0
 BOUND_BAR = (0.05, 3.0)  # split p50 within 5% or 3 ms of its bound, whichever is larger
+
+
+def columns(doc: dict[str, Any]) -> list[str]:
+    """COLUMNS, plus loss and retransmissions when any link loses packets or TCP retransmitted,
+    plus rate changes when a link follows a trace."""
+    rows, profiles = doc["rows"], doc.get("profiles", {}).values()
+    extra = []
+    if any(p.get("loss_pct") for p in profiles) or any(r.get("retrans") for r in rows):
+        extra += ["loss_up_pct", "loss_down_pct", "retrans"]
+    if any(r.get("rate_changes") for r in rows):
+        extra.append("rate_changes")
+    return [*COLUMNS, *extra]
 
 
 def single(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,7 +123,7 @@ def render(doc: dict[str, Any]) -> str:
     unit = "Ethernet frames" if doc.get("link_backend", "proxy") != "proxy" else "HTTP/2 bytes"
     text = table(
         single(doc["rows"]),
-        COLUMNS,
+        columns(doc),
         title=f"decision latency (ms) and bytes per decision through the link ({unit})",
     )
     r = ratios(doc["rows"])
@@ -244,7 +259,7 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         + "; `msg_up_B` is the gRPC message alone (protobuf + 5-byte prefix). `server_cpu_ms` is "
         "the server process's CPU time per decision.",
         "",
-        _md_table(single(doc["rows"]), COLUMNS),
+        _md_table(single(doc["rows"]), columns(doc)),
     ]
     r = ratios(doc["rows"])
     if r:

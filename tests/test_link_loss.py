@@ -54,5 +54,6 @@ def test_measure_over_a_lossy_kernel_link(tmp_path: Path) -> None:
     assert row["fallbacks"] == 0 and row["steps"] == 20  # TCP recovers every loss
     assert row["loss_up_pct"] > 0 and row["loss_down_pct"] > 0
     assert row["loss_up_pct"] < 60 and row["loss_down_pct"] < 60
+    assert row["retrans"] > 0  # TCP resent what was dropped, counted in the namespaces
     # retransmission timeouts (>= 200 ms on Linux) show in the tail, against this cell's median
     assert row["p99_ms"] > row["p50_ms"]

@@ -202,6 +202,7 @@ class KernelLink:
         pkts_/lost_up/down count packets the loss stage saw and dropped (tbf with loss)."""
         s = self._proxy.stats()
         s["rate_changes"] = self.trace_changes
+        s["retrans"] = retrans_segs(self.pair.edge) + retrans_segs(self.pair.server)
         if self.profile.loss_pct and self.backend == "tbf":
             s["pkts_up"], s["lost_up"] = loss.counts(self.pair.server)
             s["pkts_down"], s["lost_down"] = loss.counts(self.pair.edge)
@@ -229,6 +230,15 @@ class KernelLink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def retrans_segs(ns: str) -> int:
+    """TCP segments retransmitted so far in namespace ns (/proc/net/snmp Tcp RetransSegs)."""
+    out = netns.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], check=False).stdout
+    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("Tcp:")]
+    if len(rows) < 2 or "RetransSegs" not in rows[0]:
+        return 0
+    return int(rows[1][rows[0].index("RetransSegs")])
 
 
 def set_mtu(pair: netns.NamespacePair, mtu: int) -> None:
