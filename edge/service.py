@@ -3,7 +3,7 @@
     python -m edge.service run --config /opt/splitedge/current/service.json
     python -m edge.service supervise --root /opt/splitedge     # when systemd is absent
     python -m edge.service verify --release DIR [--public-key K]
-    python -m edge.service health --release DIR [--server H:P] [--out FILE]
+    python -m edge.service health --release DIR [--server H:P | --local] [--out FILE]
 
 `run` tells systemd READY=1 once its source and sink are open, then WATCHDOG=1
 as long as the loop turns (sd_notify protocol, no library needed). A config
@@ -27,6 +27,18 @@ from pathlib import Path
 from typing import Any
 
 EX_CONFIG = 78
+# settings that belong to the device, not to a release: etc/device.json (written by flash and
+# `flash --reconfigure` under the device's commit model) overrides the release's service.json
+DEVICE_SETTINGS = (
+    "server",
+    "backend",
+    "backend_reason",
+    "source",
+    "sink",
+    "rate_hz",
+    "deadline_ms",
+    "token_file",
+)
 
 
 def sd_notify(message: str) -> bool:
@@ -52,6 +64,7 @@ class ServiceConfig:
     bundle: Path
     server: str
     backend: str = "auto"
+    backend_reason: str = ""  # why the flasher chose this backend for the device
     deadline_ms: float = 500.0
     rate_hz: float = 20.0  # 0 = as fast as the loop goes
     max_steps: int = 0  # 0 = forever
@@ -62,6 +75,8 @@ class ServiceConfig:
     # the user's env packages (flash --env-package): wheel path -> sha256, installed by the
     # flasher into packages/ beside this file, which goes on sys.path
     env_wheels: dict[str, str] = field(default_factory=dict)
+    device_config: str = ""  # the device's settings file (DEVICE_SETTINGS), read over these
+    token_file: str = ""  # the device's bearer token for the policy server (device config)
     packages: Path | None = field(default=None, init=False)
 
     @classmethod
@@ -79,6 +94,8 @@ class ServiceConfig:
                 raw = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise SplitedgeError(f"cannot read service config {path}: {e}") from e
+        if raw.get("device_config"):
+            raw.update(_device_settings(Path(raw["device_config"])))
         known = {name for name, f in cls.__dataclass_fields__.items() if f.init}
         unknown = sorted(set(raw) - known)
         if unknown or "bundle" not in raw or "server" not in raw:
@@ -94,6 +111,15 @@ class ServiceConfig:
         cfg.run_dir = Path(os.environ.get("RUNTIME_DIRECTORY") or base / cfg.run_dir)
         return cfg
 
+    def security(self) -> Any:
+        """The channel settings: SPLITEDGE_* variables, with the device config's token file."""
+        import dataclasses
+
+        from edge.channel import ChannelSecurity
+
+        found = ChannelSecurity.from_env()
+        return dataclasses.replace(found, token_file=self.token_file) if self.token_file else found
+
     def use_packages(self) -> None:
         """Put the release's env packages on sys.path, before any source is opened."""
         from splitedge.errors import SplitedgeError
@@ -107,6 +133,22 @@ class ServiceConfig:
             )
         if str(self.packages) not in sys.path:
             sys.path.insert(0, str(self.packages))
+
+
+def _device_settings(path: Path) -> dict[str, Any]:
+    """The device config's settings (none when the file is missing)."""
+    from splitedge.errors import SplitedgeError
+
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise SplitedgeError(
+            f"cannot read the device config {path}: {e}; fix it with "
+            "`splitedge flash --reconfigure`"
+        ) from e
+    return {k: v for k, v in raw.items() if k in DEVICE_SETTINGS}
 
 
 class _Stop:
@@ -148,11 +190,21 @@ def run_service(cfg: ServiceConfig) -> int:
     client = PolicyClient(
         bundle,
         ClientConfig(
-            server=cfg.server, backend=cfg.backend, deadline_s=cfg.deadline_ms / 1e3, rpc="unary"
+            server=cfg.server,
+            backend=cfg.backend,
+            deadline_s=cfg.deadline_ms / 1e3,
+            rpc="unary",
+            security=cfg.security(),
         ),
     )
     watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
     sd_notify(f"READY=1\nSTATUS={source.name} -> {cfg.server} -> {sink.name}")
+    print(
+        f"splitedge service: {source.name} -> {cfg.server} -> {sink.name}; "
+        f"encoder {client.encoder_reason}",
+        file=sys.stderr,
+        flush=True,
+    )
     _connect_with_backoff(client, cfg, stop, watchdog_s)
     period = 1.0 / cfg.rate_hz if cfg.rate_hz > 0 else 0.0
     step, last_ping, last_state, exit_code = 0, 0.0, 0.0, 0
@@ -182,6 +234,7 @@ def run_service(cfg: ServiceConfig) -> int:
                         "fallbacks": client.fallbacks,
                         "source": source.name,
                         "sink": sink.name,
+                        "backend": client.encoder_reason,
                     },
                 )
                 last_state = now
@@ -218,6 +271,20 @@ def _connect_with_backoff(client: Any, cfg: ServiceConfig, stop: _Stop, watchdog
         delay = min(delay * 2, 30.0)
 
 
+def _stamp_lines(child: subprocess.Popen[bytes]) -> None:
+    """Copy the child's output to ours (the service log), each line with a UTC timestamp."""
+    import threading
+
+    def copy() -> None:
+        assert child.stdout is not None
+        for line in iter(child.stdout.readline, b""):
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            sys.stdout.write(f"{stamp} {line.decode(errors='replace').rstrip()}\n")
+            sys.stdout.flush()
+
+    threading.Thread(target=copy, daemon=True).start()
+
+
 def supervise(root: Path, backoff_s: tuple[float, float] = (1.0, 30.0)) -> int:
     """systemd's job when there is no systemd: run the current release, restart it on failure."""
     stop = _Stop()
@@ -228,8 +295,11 @@ def supervise(root: Path, backoff_s: tuple[float, float] = (1.0, 30.0)) -> int:
         python = root / "current" / "runtime" / "venv" / "bin" / "python"
         started = time.monotonic()
         child = subprocess.Popen(
-            [str(python), "-m", "edge.service", "run", "--config", str(config)]
+            [str(python), "-m", "edge.service", "run", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
+        _stamp_lines(child)
         state.write_text(
             json.dumps(
                 {"child": child.pid, "restarts": restarts, "release": os.readlink(root / "current")}
@@ -247,6 +317,9 @@ def supervise(root: Path, backoff_s: tuple[float, float] = (1.0, 30.0)) -> int:
         if child.returncode in (0, EX_CONFIG):
             return int(child.returncode)  # finished, or a config error that a restart cannot fix
         restarts += 1
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        print(f"{stamp} supervisor: the service exited {child.returncode}; restart {restarts}")
+        sys.stdout.flush()
         delay = backoff_s[0] if time.monotonic() - started > 60 else min(backoff_s[1], delay * 2)
         end = time.monotonic() + delay
         while time.monotonic() < end and not stop.requested:
@@ -280,10 +353,13 @@ def llm_health(release: Path, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[str, Any]:
+def health(
+    release: Path, server: str | None, deadline_s: float = 5.0, local: bool = False
+) -> dict[str, Any]:
     """The health gate on the device: probe frame vs expected features, then one real round trip.
 
     An llm bundle has no control loop: its gate is the recorded greedy probe (llm_health).
+    local: only what needs nothing off the device (encoder probe, source), no round trip.
     """
     import numpy as np
 
@@ -307,7 +383,11 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
     client = PolicyClient(
         bundle,
         ClientConfig(
-            server=server or cfg.server, backend=cfg.backend, deadline_s=deadline_s, rpc="unary"
+            server=server or cfg.server,
+            backend=cfg.backend,
+            deadline_s=deadline_s,
+            rpc="unary",
+            security=cfg.security(),
         ),
     )
     try:
@@ -334,6 +414,12 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
                 "encoder output differs from the expected features by up to "
                 f"{out['encoder']['max_diff_lsb']} LSB (> {tol})"
             )
+            if cfg.backend == "es2":  # 8-bit activations: exact only within the calibration
+                out["error"] += (
+                    " on es2, whose 8-bit activations hold only the value ranges the bundle was "
+                    "calibrated on; flash with --backend ort for the exact encoder, or export "
+                    "with frames like this source's"
+                )
             return out
         if cfg.source.get("kind", "env") == "env":  # the env must start here, as in the service
             from edge.sources import open_source
@@ -347,6 +433,9 @@ def health(release: Path, server: str | None, deadline_s: float = 5.0) -> dict[s
                 out["source"] = {"ok": False}
                 out["error"] = f"the service's source cannot start: {e}"
                 return out
+        if local:
+            out["ok"] = True
+            return out
         try:
             _reachable(client.config.server)
             client.connect()
@@ -403,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("health")
     h.add_argument("--release", type=Path, required=True)
     h.add_argument("--server")
+    h.add_argument("--local", action="store_true", help="no round trip to the server")
     h.add_argument("--out", type=Path, help="also write the result here (state/health.json)")
     a = p.parse_args(argv)
     try:
@@ -413,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         result = (
             verify_release(a.release, a.public_key)
             if a.cmd == "verify"
-            else health(a.release, a.server)
+            else health(a.release, a.server, local=a.local)
         )
     except SplitedgeError as e:
         result = {"ok": False, "error": str(e)}

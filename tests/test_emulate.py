@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from deploy.emulate.device import EmulatedDevice, _memory_cgroup_parent
+from splitedge.errors import SplitedgeError
 from tests.conftest import ZOO_BUNDLE
 
 pytestmark = [
@@ -104,6 +106,21 @@ def test_host_key_is_checked_and_the_plain_loopback_fallback_works(tmp_path: Pat
         assert r.returncode == 255 and "verification failed" in r.stderr.lower(), (
             "a wrong host key is refused"
         )
+        # the folder is this emulator's: a second one (here or in another process) is refused
+        config = dev.ssh_config.read_text()
+        with pytest.raises(SplitedgeError, match="belongs to another emulated device"):
+            EmulatedDevice("pi-4b", workdir=dev.workdir, isolate=False).start()
+        r = subprocess.run(
+            [sys.executable, "-m", "splitedge", "device", "emulate", "--workdir",
+             str(dev.workdir), "--no-isolation", "--for", "1"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (
+            r.returncode == 2 and f"belongs to a running emulator (pid {os.getpid()})" in r.stderr
+        )
+        assert dev.ssh_config.read_text() == config, "the running one's files are untouched"
+    with EmulatedDevice("pi-4b", workdir=tmp_path / "emu", isolate=False) as dev:
+        assert dev.ssh("true").returncode == 0, "a stopped emulator's folder can be used again"
 
 
 @pytest.mark.skipif(not _can_make_netns(), reason="needs root and ip netns")

@@ -80,6 +80,7 @@ def test_dry_run_contacts_nothing(
                 "10.0.0.5:50051",
                 "--offline",
                 "--dry-run",
+                "--local-only",
                 "--json",
             ]
         )
@@ -87,8 +88,72 @@ def test_dry_run_contacts_nothing(
     )
     plan = json.loads(capsys.readouterr().out)["plan"]
     steps = [s["step"] for s in plan]
-    assert steps[:2] == ["load", "pre-flight"] and steps[-2:] == ["switch", "health"]
-    assert "mv -T" in plan[-2]["command"] and "--no-index" in plan[6]["command"]
+    assert steps[:2] == ["load", "pre-flight"] and steps[-3:] == ["switch", "health", "commit"]
+    assert "mv -T" in plan[-3]["command"] and "--no-index" in plan[6]["command"]
+
+
+def _dry_run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    from splitedge.cli import main
+
+    base = ["flash", "--host", "pi@127.0.0.1:1", "--server", "10.0.0.5:50051", "--dry-run"]
+    rc = main([*base, *args])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.fixture
+def signed(tmp_path: Path) -> dict[str, Path]:
+    from splitedge.signing import generate_keypair, sign_bundle
+
+    bundle = tmp_path / "signed"
+    shutil.copytree(ZOO_BUNDLE, bundle)
+    generate_keypair(tmp_path / "a.key", tmp_path / "a.pub")
+    generate_keypair(tmp_path / "b.key", tmp_path / "b.pub")
+    sign_bundle(bundle, tmp_path / "a.key")
+    return {"bundle": bundle, "good": tmp_path / "a.pub", "other": tmp_path / "b.pub"}
+
+
+def test_dry_run_checks_and_says_why_it_would_fail(
+    tmp_path: Path,
+    signed: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    zoo, bundle = str(ZOO_BUNDLE), str(signed["bundle"])
+    tampered = tmp_path / "tampered"
+    shutil.copytree(signed["bundle"], tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["version"] = "6.6.6"
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    cases = [
+        (["--bundle", str(tmp_path / "nope")], "not found"),
+        (["--bundle", str(tampered), "--public-key", str(signed["good"])], "signature"),
+        (["--bundle", bundle, "--public-key", str(signed["other"])], "signature"),
+        (["--bundle", zoo, "--profile", "pi-5"], "unknown device profile 'pi-5'"),
+        (["--bundle", zoo, "--backend", "vulkan"], "unknown --backend 'vulkan'"),
+        (["--bundle", zoo, "--profile", "pi-zero-2w", "--backend", "es31"], "use --backend es2"),
+        (["--bundle", zoo, "--profile", "pi-zero-2w"], "cannot reach pi@127.0.0.1:1 over ssh"),
+    ]
+    for args, why in cases:
+        rc, err = _dry_run(capsys, *args)
+        assert rc == 2 and why in err and len(err.splitlines()) == 1, (args, err)
+    # an encoder over the profile's limits (a board with a tighter sampling budget)
+    import deploy.devices
+
+    tight = tmp_path / "profiles"
+    tight.mkdir()
+    text = (deploy.devices.PROFILE_DIR / "pi-zero-2w.toml").read_text()
+    (tight / "pi-zero-2w.toml").write_text(
+        text.replace("max_samples_per_pass = 64", "max_samples_per_pass = 4")
+    )
+    monkeypatch.setattr(deploy.devices, "PROFILE_DIR", tight)
+    rc, err = _dry_run(capsys, "--bundle", zoo, "--profile", "pi-zero-2w", "--local-only")
+    assert rc == 2 and "cannot run on pi-zero-2w" in err and "4" in err, err
+    monkeypatch.undo()
+    # all good here: the local-only dry run passes and lists what it checked
+    rc, err = _dry_run(capsys, "--bundle", bundle, "--public-key", str(signed["good"]),
+                       "--profile", "pi-zero-2w", "--backend", "es2", "--local-only")  # fmt: skip
+    assert rc == 0, err
 
 
 FACTS = {
@@ -176,50 +241,48 @@ def test_stage_refuses_corrupted_and_incomplete_transfers(tmp_path: Path) -> Non
 def test_switch_and_rollback_move_symlinks_atomically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(remote, "restart_service", lambda root: "restarted")
-    monkeypatch.setattr(remote, "stop_service", lambda root: "stopped")
+    from deploy.flash import device_commit as commit
+
+    monkeypatch.setattr(commit, "restart_service", lambda root: "restarted")
     for rel in ("a-1", "a-2"):
         _incoming(tmp_path, rel)
         assert remote.stage(tmp_path, rel)["already_staged"] is False
         _fake_runtime(tmp_path, rel)
-    remote.switch(tmp_path, "a-1")
-    remote.switch(tmp_path, "a-2")
+    for rel in ("a-1", "a-2"):
+        r = commit.begin(tmp_path, rel, deadline_s=60)
+        commit.commit(tmp_path, r["pending"]["id"])
     assert (
         os.readlink(tmp_path / "current") == "releases/a-2"
         and os.readlink(tmp_path / "previous") == "releases/a-1"
     )
     assert not list(tmp_path.glob(".*.tmp*")), "no temporary links left behind"
-    remote.rollback(tmp_path)
+    commit.rollback(tmp_path)
     assert (
         os.readlink(tmp_path / "current") == "releases/a-1"
         and os.readlink(tmp_path / "previous") == "releases/a-2"
     )
     assert remote.discard(tmp_path, "a-2")["removed"] is False, "previous is protected"
-    # a failed flash undoing itself restores the old previous pointer
-    remote.rollback(tmp_path, restore_previous="-")
-    assert (
-        os.readlink(tmp_path / "current") == "releases/a-2"
-        and not (tmp_path / "previous").is_symlink()
-    )
-    # first flash failing: nothing to go back to; with allow_empty current goes away
-    with pytest.raises(remote.Refused, match="no previous release"):
-        remote.rollback(tmp_path)
-    assert remote.rollback(tmp_path, allow_empty=True)["current"] is None
-    assert not (tmp_path / "current").exists()
 
 
 def test_a_release_in_use_is_never_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(remote, "restart_service", lambda root: "restarted")
+    from deploy.flash import device_commit as commit
+
+    monkeypatch.setattr(commit, "restart_service", lambda root: "restarted")
     _incoming(tmp_path, "a-1")
     remote.stage(tmp_path, "a-1")
     _fake_runtime(tmp_path, "a-1")
-    remote.switch(tmp_path, "a-1")
+    commit.commit(tmp_path, commit.begin(tmp_path, "a-1", 60)["pending"]["id"])
     _incoming(tmp_path, "a-1")
     assert remote.stage(tmp_path, "a-1")["already_staged"] is True
     inc = _incoming(tmp_path, "a-1")
     (inc / "service.json").write_text(json.dumps({"server": "other:2"}))
+    assert remote.stage(tmp_path, "a-1")["already_staged"] is True, (
+        "a new server is a device setting (etc/device.json), not a new release"
+    )
+    inc = _incoming(tmp_path, "a-1")
+    (inc / "splitedge.service").write_text("another unit")
     with pytest.raises(remote.Refused, match="in use on the device with different contents"):
         remote.stage(tmp_path, "a-1")
 

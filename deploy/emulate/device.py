@@ -97,6 +97,7 @@ class EmulatedDevice:
         self.proc: subprocess.Popen[bytes] | None = None
         self._netns: str | None = None
         self._cgroup: Path | None = None
+        self._owner: Path | None = None
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -119,6 +120,7 @@ class EmulatedDevice:
             raise SplitedgeError(f"the emulated device needs OpenSSH's sshd; {INSTALL_HINT}")
         if not shutil.which("rsync"):
             raise SplitedgeError(f"flashing needs rsync; {INSTALL_HINT}")
+        self._claim_workdir()
         keys = self.workdir / "keys"
         keys.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,33 @@ class EmulatedDevice:
         self._wait_listening()
         self._write_ssh_config(keys)
         return self
+
+    def _claim_workdir(self) -> None:
+        """One emulator per work folder: a second one would rewrite the first one's keys and
+        ssh_config under it. A folder whose emulator died is taken over."""
+        owner = self.workdir / "emulator.pid"
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            pid = int(owner.read_text().strip() or 0) if owner.is_file() else 0
+        except (OSError, ValueError) as e:
+            raise SplitedgeError(
+                f"cannot use --workdir {self.workdir}: {getattr(e, 'strerror', e)}; choose a "
+                "folder you can write"
+            ) from e
+        if pid and pid != os.getpid() and psutil.pid_exists(pid):
+            raise SplitedgeError(
+                f"--workdir {self.workdir} belongs to a running emulator (pid {pid}); stop it "
+                f"(Ctrl-C where it runs, or kill {pid}) or pass another --workdir"
+            )
+        if pid == os.getpid() and (self.workdir / "sshd.pid").is_file() and self.proc is None:
+            sshd = int((self.workdir / "sshd.pid").read_text().strip() or 0)
+            if sshd and psutil.pid_exists(sshd):
+                raise SplitedgeError(
+                    f"--workdir {self.workdir} belongs to another emulated device in this "
+                    "process; pass another workdir"
+                )
+        owner.write_text(str(os.getpid()))
+        self._owner = owner
 
     def _try_netns(self) -> None:
         ns, host_if, dev_if = f"se-{self.ident}", f"seh{self.ident}", f"sed{self.ident}"
@@ -289,6 +318,20 @@ class EmulatedDevice:
 
         return _run(["ssh", "-F", str(self.ssh_config), self.host, "--", shlex.join(remote)])
 
+    def set_network(self, up: bool) -> None:
+        """Cut (or restore) the device's link, as a pulled cable would: its side of the veth."""
+        if not self._netns:
+            raise SplitedgeError(
+                "this emulated device has no network namespace of its own (needs root): "
+                "its network cannot be cut"
+            )
+        dev_if = f"sed{self.ident}"
+        state = "up" if up else "down"
+        _check(
+            _run(["ip", "netns", "exec", self._netns, "ip", "link", "set", dev_if, state]),
+            f"set the device's link {state}",
+        )
+
     def processes(self) -> list[int]:
         """Pids in the device's cgroup (everything started through its sshd)."""
         if self._cgroup is None:
@@ -302,9 +345,9 @@ class EmulatedDevice:
         """Power the device off: its service, sshd and whatever they started; remove namespace and cgroup."""
         t0 = time.monotonic()
         if self._cgroup is None and (self.root / "run" / "supervisor.pid").exists():
-            from deploy.flash import remote  # no cgroup to find them by: ask the supervisor to stop
+            from deploy.flash.device_base import stop_service  # no cgroup: ask the supervisor
 
-            remote.stop_service(self.root)
+            stop_service(self.root)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -330,6 +373,10 @@ class EmulatedDevice:
                 self.caps.notes.append(f"cgroup {self._cgroup} left behind: {e.strerror}")
             self._cgroup = None
         self._drop_netns()
+        if self._owner is not None:
+            self._owner.unlink(missing_ok=True)
+            (self.workdir / "sshd.pid").unlink(missing_ok=True)
+            self._owner = None
         self.stop_seconds = time.monotonic() - t0
 
     def _drop_netns(self) -> None:

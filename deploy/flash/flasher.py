@@ -1,13 +1,15 @@
-"""`splitedge flash`: pre-flight, copy, verify, install, switch, health gate; roll back on any failure.
+"""`splitedge flash`: pre-flight, copy, verify, install, switch, health gate, commit.
 
 Nothing on the device changes until the bundle has been copied, hash-checked
 and (with a key configured) signature-checked there; `current` then moves in one
-rename. Every failure after that switch rolls back to the previous release.
+rename, and the release is pending: the device reverts it by itself unless the
+health gate passes and this side confirms it within the commit deadline (gate.py,
+device_commit.py). A failed gate reverts at once.
 """
 
 from __future__ import annotations
 
-import shlex
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.flash import preflight
+from deploy.flash.gate import confirm, health_of_current, health_summary
 from deploy.flash.transport import DeviceRefused, Target, Transport, parse_result
 from splitedge.errors import SplitedgeError
 
@@ -45,6 +48,7 @@ class FlashOptions:
     bwlimit_kbps: int | None = None
     pip_args: list[str] = field(default_factory=list)
     env_packages: list[Path] = field(default_factory=list)  # the user's env code (env_package.py)
+    commit_deadline_s: float = 120.0  # the device reverts a switched release not confirmed by then
 
     def transport(self) -> Transport:
         return Transport(
@@ -70,127 +74,115 @@ class _Steps:
         self._t = now
 
 
-def dry_run_plan(opts: FlashOptions) -> list[dict[str, str]]:
-    """The steps and the exact commands a flash would run, without contacting the device."""
-    from splitedge.bundle import read_manifest
+@dataclass
+class LocalChecks:
+    """What every check that needs no device found (check_locally)."""
 
-    t = opts.transport()
-    root = opts.root or "<root>"  # the device's $SPLITEDGE_ROOT, else /opt/splitedge: only it knows
-    try:
-        manifest = read_manifest(Path(opts.bundle))
-        rel = f"{manifest['name']}-{manifest['version']}"
-    except SplitedgeError:
-        rel = "<name>-<version>"
-    py = f"{root}/runtimes/<key>/venv/bin/python"
-    return [
-        {
-            "step": "load",
-            "command": f"verify {opts.bundle} hashes"
-            + (f" and signature ({opts.public_key})" if opts.public_key else ""),
-        },
-        {
-            "step": "pre-flight",
-            "command": shlex.join(t.ssh_argv([opts.device_python, "-", "facts"])) + "  < remote.py",
-            "checks": f"profile {opts.profile or '(none: generic checks)'}"
-            + (" and the encoder's fit to its GPU limits (here, first)" if opts.profile else ""),
-        },
-        {
-            "step": "package",
-            "command": "build splitedge wheel (edge, protos, splitedge only)"
-            + (", pip download every dependency for the device's platform" if opts.offline else "")
-            + "; probe features with encoder.onnx; service.json; systemd unit"
-            + " (an llm bundle: none of these, its probe is in the manifest)",
-        },
-        {
-            "step": "transfer",
-            "command": shlex.join(
-                t.rsync_argv(Path("<wheelhouse>"), f"{root}/wheelhouse", opts.bwlimit_kbps)
-            ),
-        },
-        {
-            "step": "transfer",
-            "command": shlex.join(
-                t.rsync_argv(Path("<release>"), f"{root}/incoming/{rel}", opts.bwlimit_kbps)
-            ),
-        },
-        {"step": "stage", "command": f"hash-check incoming/{rel}, rename it to releases/{rel}"},
-        {
-            "step": "runtime",
-            "command": f"python3 -m venv {root}/runtimes/<key>/venv; pip install "
-            + ("--no-index " if opts.offline else "")
-            + f"--find-links {root}/wheelhouse splitedge[edge] cryptography"
-            + (
-                f"; pip install --no-deps --target releases/{rel}/packages "
-                + " ".join(f"<{p}>" for p in opts.env_packages)
-                if opts.env_packages
-                else ""
-            ),
-        },
-        {
-            "step": "verify",
-            "command": f"{py} -m edge.service verify --release {root}/releases/{rel}"
-            + " [--public-key etc/signing.pub]",
-        },
-        {
-            "step": "switch",
-            "command": f"ln -sfn releases/{rel} .current.tmp && mv -T .current.tmp current; "
-            "restart systemd unit or supervisor",
-        },
-        {
-            "step": "health",
-            "command": f"{py} -m edge.service health --release {root}/current"
-            + f" (server {opts.server or 'from the current release'}; an llm bundle: its greedy "
-            "probe, no server); on failure: roll back",
-        },
-    ]
+    bundle: Any
+    release: str
+    llm: bool
+    source: dict[str, Any]
+    sink: dict[str, Any]
+    wheels: list[Path]
+    req: preflight.Requirements | None
+    rows: list[dict[str, Any]]
+    key_line: str | None
 
 
-def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
-    """Flash one device; returns the report. Raises SplitedgeError (after rolling back) on failure."""
-    from deploy.flash.package import parse_sink, parse_source, stage_release
-    from deploy.flash.runtime import plan_runtime
+def check_locally(opts: FlashOptions) -> LocalChecks:
+    """Bundle hashes (and signature with --public-key), profile, backend, the encoder's fit to
+    the profile, source, sink and env packages: all before any contact with the device."""
+    from deploy.flash.package import parse_sink, parse_source
     from splitedge.bundle import load_bundle
     from splitedge.signing import public_key_line
 
-    steps = _Steps(log)
-    t = opts.transport()
+    opts.transport()  # --host is well formed
+    if not 0 < opts.commit_deadline_s <= 86400:
+        raise SplitedgeError(
+            f"--commit-deadline {opts.commit_deadline_s:g}: give 1..86400 seconds (default 120)"
+        )
+    req = preflight.requirements(opts.profile) if opts.profile else None
     bundle = load_bundle(opts.bundle, verify=True, public_key=opts.public_key)
-    release = f"{bundle.name}-{bundle.version}"
+    llm = bundle.kind == "llm"  # no control loop: no server, no service, a greedy-decode probe
     source, sink = parse_source(opts.source), parse_sink(opts.sink)
     if opts.env_kwargs is not None:
         if source["kind"] != "env":
             raise SplitedgeError(f"--env-kwargs is for an env source, not --source {opts.source}")
         source["env_kwargs"] = dict(opts.env_kwargs)
-    wheels = _env_wheels(opts, bundle, source)
-    steps.done("load", f"{release}: hashes ok" + (", signature ok" if opts.public_key else ""))
+    rows = []
+    if not llm:
+        preflight.check_backend(str(opts.service.get("backend", "auto")), opts.profile)
+        if opts.profile:  # the encoder's fit is the bundle's and the profile's business
+            try:
+                rows.append(preflight.encoder_check(opts.profile, bundle.root))
+            except SplitedgeError as e:
+                raise SplitedgeError(
+                    f"pre-flight failed on {opts.host}, nothing was changed: {e}"
+                ) from e
+    return LocalChecks(
+        bundle=bundle,
+        release=f"{bundle.name}-{bundle.version}",
+        llm=llm,
+        source=source,
+        sink=sink,
+        wheels=_env_wheels(opts, bundle, source),
+        req=req,
+        rows=rows,
+        key_line=public_key_line(opts.public_key) if opts.public_key else None,
+    )
 
-    llm = bundle.kind == "llm"  # no control loop: no server, no service, a greedy-decode probe
-    req = preflight.requirements(opts.profile) if opts.profile else None
-    # the encoder's fit is the bundle's and the profile's business: checked before any contact
-    encoder_row = None
-    if req and not llm:
-        try:
-            encoder_row = preflight.encoder_check(opts.profile, bundle.root)
-        except SplitedgeError as e:
-            raise SplitedgeError(
-                f"pre-flight failed on {t.target}, nothing was changed: {e}"
-            ) from e
-    facts = t.op("facts", opts.root, timeout_s=60)
-    root = facts["root"]
-    rows, problems = preflight.check(facts, req)
-    rows += [encoder_row] if encoder_row else []
-    key_line = public_key_line(opts.public_key) if opts.public_key else None
-    if (
-        key_line
-        and facts["trusted_key"]
-        and facts["trusted_key"].split()[:2] != key_line.split()[:2]
-    ):
-        problems.append(f"the device trusts a different signing key ({root}/etc/signing.pub)")
-    server = None if llm else opts.server or facts["current_server"]
-    if not server and not llm:
+
+def check_device(
+    opts: FlashOptions, c: LocalChecks, facts: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str], str | None, dict[str, Any]]:
+    """Pre-flight against what the device reported: (rows, problems, server, service config)."""
+    rows, problems = preflight.check(facts, c.req)
+    rows += c.rows
+    if c.key_line and facts["trusted_key"]:
+        if facts["trusted_key"].split()[:2] != c.key_line.split()[:2]:
+            problems.append(
+                f"the device trusts a different signing key ({facts['root']}/etc/signing.pub)"
+            )
+    server = None if c.llm else opts.server or facts["current_server"]
+    if not server and not c.llm:
         problems.append(
             "no policy server: pass --server HOST:PORT (the device has no previous release to take it from)"
         )
+    pending = facts.get("pending")
+    if pending:
+        problems.append(
+            f"{pending['release']} is pending on the device since {pending['started_at']} (an "
+            f"interrupted flash?); it reverts by itself at {pending['deadline_at']}: wait for "
+            "that, or run `splitedge rollback` to revert it now"
+        )
+    service = dict(opts.service)
+    if not c.llm:
+        backend, why, row, problem = preflight.resolve_backend(
+            str(service.get("backend", "auto")), opts.profile, facts
+        )
+        rows += [row] if row else []
+        problems += [problem] if problem else []
+        service.update(backend=backend, backend_reason=why)
+    return rows, problems, server, service
+
+
+def flash(
+    opts: FlashOptions, log: Log = lambda s: None, progress: Log | None = None
+) -> dict[str, Any]:
+    """Flash one device; returns the report. Raises SplitedgeError (after rolling back) on failure.
+
+    progress: called with rsync's overall progress lines during the transfer."""
+    from deploy.flash.package import device_settings, stage_release
+    from deploy.flash.runtime import plan_runtime
+
+    steps = _Steps(log)
+    t = opts.transport()
+    c = check_locally(opts)
+    bundle, release, llm, wheels = c.bundle, c.release, c.llm, c.wheels
+    steps.done("load", f"{release}: hashes ok" + (", signature ok" if opts.public_key else ""))
+    facts = t.op("facts", opts.root, timeout_s=60)
+    root = facts["root"]
+    rows, problems, server, service = check_device(opts, c, facts)
     if problems:
         raise SplitedgeError(
             f"pre-flight failed on {t.target}, nothing was changed: " + "; ".join(problems)
@@ -198,13 +190,21 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
     steps.done(
         "pre-flight",
         f"{facts['arch']}, Python {facts['python']}, root {root}, "
-        f"{'systemd' if facts['systemd'] else 'supervisor (' + facts['systemd_reason'] + ')'}",
+        f"{'systemd' if facts['systemd'] else 'supervisor (' + facts['systemd_reason'] + ')'}"
+        + (f"; backend {service['backend']} ({service['backend_reason']})" if not llm else ""),
     )
+    source, sink = c.source, c.sink
 
     with tempfile.TemporaryDirectory(prefix="splitedge-flash-") as tmp:
         info = stage_release(
-            bundle, Path(tmp) / release, root, server, source, sink, opts.service, wheels
+            bundle, Path(tmp) / release, root, server, source, sink, service, wheels
         )
+        config = None
+        if not llm:  # the device's settings: etc/device.json, switched with the release
+            config = device_settings(json.loads((Path(tmp) / release / "service.json").read_text()))
+            kept = facts.get("device_config") or {}
+            if kept.get("token_file"):
+                config.setdefault("token_file", kept["token_file"])
         camera = (
             ("opencv-python-headless",) if not llm and source["kind"] in ("camera", "video") else ()
         )
@@ -216,8 +216,8 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
             + (" (offline)" if opts.offline else " (deps from the device's index)"),
         )
         t.op("prepare", root, release=release)
-        t.copy(runtime.wheelhouse, f"{root}/wheelhouse", opts.bwlimit_kbps)
-        t.copy(Path(tmp) / release, f"{root}/incoming/{release}", opts.bwlimit_kbps)
+        t.copy(runtime.wheelhouse, f"{root}/wheelhouse", opts.bwlimit_kbps, progress)
+        t.copy(Path(tmp) / release, f"{root}/incoming/{release}", opts.bwlimit_kbps, progress)
     steps.done("transfer", f"to {root}/incoming/{release}")
 
     staged = t.op("stage", root, release=release)
@@ -246,9 +246,9 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         + (f"; env packages {', '.join(rt['env_packages'])}" if rt.get("env_packages") else ""),
     )
 
-    if key_line:
-        t.op("trust-key", root, key=key_line)
-    trusted = bool(key_line or facts["trusted_key"])
+    if c.key_line:
+        t.op("trust-key", root, key=c.key_line)
+    trusted = bool(c.key_line or facts["trusted_key"])
     verify = [python, "-m", "edge.service", "verify", "--release", f"{root}/releases/{release}"]
     try:
         parse_result(
@@ -269,35 +269,22 @@ def flash(opts: FlashOptions, log: Log = lambda s: None) -> dict[str, Any]:
         "verify", "hashes" + (" and signature" if trusted else "") + " ok with the edge runtime"
     )
 
-    switched = t.op("switch", root, release=release)
+    switched = t.op(
+        "switch",
+        root,
+        release=release,
+        deadline=opts.commit_deadline_s,
+        config=json.dumps(config) if config is not None else None,
+    )
     steps.done(
         "switch",
-        f"current -> {release} (was {switched['previous'] or 'empty'}); {switched['service']}",
+        f"current -> {release} (was {switched['previous'] or 'empty'}), pending: the device "
+        f"reverts by itself at {switched['pending']['deadline_at']} unless the gate confirms; "
+        f"{switched['service']}",
     )
-    gate = health_gate(t, root, python, server, llm=llm)
-    if not gate["ok"] and switched["previous"] == release:
-        raise SplitedgeError(
-            f"health gate failed on {t.target}: {gate.get('error')}. {release} was already "
-            "current before this flash, so there is nothing to roll back to; it stays current"
-        )
-    if not gate["ok"]:
-        back = t.op("rollback", root, allow_empty=True, restore_previous=facts["previous"] or "-")
-        restored = back["current"]
-        after = health_of_current(t, root) if restored else {"ok": None}
-        steps.done(
-            "rollback",
-            f"to {restored or 'nothing (first flash)'}"
-            + (
-                f", its health {'ok' if after['ok'] else 'FAILED: ' + str(after.get('error'))}"
-                if restored
-                else ""
-            ),
-        )
-        raise SplitedgeError(
-            f"health gate failed on {t.target}: {gate.get('error')}. Rolled back automatically: "
-            f"current is {restored or 'empty (this was the first flash)'}, {back['service']}"
-        )
+    gate = confirm(t, root, release, python, server, switched, steps, llm=llm)
     steps.done("health", health_summary(gate))
+    steps.done("commit", f"{release} committed at {gate.get('committed_at')}")
     return {
         "host": str(t.target),
         "release": release,
@@ -327,81 +314,10 @@ def _env_wheels(opts: FlashOptions, bundle: Any, source: dict[str, Any]) -> list
     return env_wheels(list(opts.env_packages), env)
 
 
-def _device_health(t: Transport, root: str, python: str, server: str | None) -> dict[str, Any]:
-    argv = [
-        python,
-        "-m",
-        "edge.service",
-        "health",
-        "--release",
-        f"{root}/current",
-        "--out",
-        f"{root}/state/health.json",
-    ]
-    r = t.run(argv + (["--server", server] if server else []), timeout_s=120, check=False)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {
-            "ok": False,
-            "error": f"health check did not run (exit {r.returncode}): {r.stderr.strip()[-300:]}",
-        }
-    import json
-
-    return dict(json.loads(lines[-1]))
-
-
-def health_summary(gate: dict[str, Any]) -> str:
-    """One line on a passed health gate, for the steps table."""
-    if gate.get("kind") == "llm":
-        p = gate["probe"]
-        if p["check"] == "probe":
-            return (
-                f"greedy probe {len(p['got_ids'])} ids after {p['prompt_tokens']} prompt tokens "
-                f"match exactly, tokenizer ok ({p['seconds']:.1f} s); no service (llm bundle)"
-            )
-        return f"{p['note']}: {p['logits']} finite logits; no service (llm bundle)"
-    enc, rtt = gate["encoder"], gate["round_trip"]
-    return (
-        f"probe max diff {enc['max_diff_lsb']} LSB (tol {enc['tolerance_lsb']}); "
-        f"round trip to {rtt['server']} {rtt['rtt_ms']:.1f} ms, action {rtt['action']}; "
-        f"service {gate['service']}"
-    )
-
-
-def health_gate(
-    t: Transport,
-    root: str,
-    python: str,
-    server: str | None,
-    settle_s: float = 0.5,
-    llm: bool = False,
-) -> dict[str, Any]:
-    """Probe + round trip on the device, then make sure the restarted service is still up.
-
-    llm: the bundle's greedy probe only; it has no server and no service to check.
-    """
-    gate = _device_health(t, root, python, server)
-    if not gate["ok"] or llm:
-        return gate
-    time.sleep(settle_s)  # a service that cannot start (no camera) exits within this
-    service = t.op("status", root)["service"]
-    gate["service"] = service.get("active")
-    if service.get("active") != "active" or service.get("state") == "failed":
-        gate["ok"] = False
-        gate["error"] = (
-            f"the service did not stay up: {service.get('error') or service.get('active')}"
-        )
-    return gate
-
-
-def health_of_current(t: Transport, root: str) -> dict[str, Any]:
-    """Run the health check of whatever release is current, with that release's own runtime."""
-    return _device_health(t, root, f"{root}/current/runtime/venv/bin/python", None)
-
-
-def rollback_device(t: Transport, root: str | None) -> dict[str, Any]:
-    """`splitedge rollback`: swap current and previous on the device, restart, check health."""
-    back = t.op("rollback", root)
+def rollback_device(t: Transport, root: str | None, to: str = "") -> dict[str, Any]:
+    """`splitedge rollback`: previous (or --to) becomes current (a pending release just reverts);
+    restart, check health."""
+    back = t.op("rollback", root, to=to)
     facts_root = back.get("root") or root or t.op("facts", root, timeout_s=60)["root"]
     health = health_of_current(t, facts_root)
     return {

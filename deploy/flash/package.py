@@ -57,7 +57,11 @@ def service_config(
     sink: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """service.json for edge.service: paths relative to the release folder, state under the root."""
+    """service.json for edge.service: paths relative to the release folder, state under the root.
+
+    The device settings in it (edge.service.DEVICE_SETTINGS) are this flash's defaults; the
+    device config it names (<root>/etc/device.json, written at the switch) overrides them.
+    """
     cfg = {
         "bundle": "bundle",
         "server": server,
@@ -65,9 +69,17 @@ def service_config(
         "sink": sink,
         "state_dir": f"{root}/state",
         "run_dir": f"{root}/run",
+        "device_config": f"{root}/etc/device.json",
     }
     cfg.update(extra or {})
     return cfg
+
+
+def device_settings(release_config: dict[str, Any]) -> dict[str, Any]:
+    """The device config a flash writes (etc/device.json): the settings part of service.json."""
+    from edge.service import DEVICE_SETTINGS
+
+    return {k: v for k, v in release_config.items() if k in DEVICE_SETTINGS}
 
 
 def render_unit(root: str) -> str:

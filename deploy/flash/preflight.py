@@ -177,3 +177,63 @@ def encoder_check(profile: str, bundle_root: Path) -> dict[str, Any]:
             f"(splitedge export --profile {profile})"
         ) from e
     return {"check": "encoder limits", "device": fits, "needs": f"{profile} limits", "ok": "yes"}
+
+
+BACKENDS = ("auto", "ort", "gl33", "es31", "es2")
+# what each GL target needs from the device's dynamic loader, and the Debian / Raspberry Pi OS
+# packages that have it (Mesa's drivers come with libgl1-mesa-dri)
+GL_LIBRARIES = {"gl33": ("EGL", "GL"), "es31": ("EGL", "GLESv2"), "es2": ("EGL", "GLESv2")}
+APT_PACKAGES = {"EGL": "libegl1", "GLESv2": "libgles2", "GL": "libgl1"}
+# a board runs its own GL target and the simpler ones
+RUNS_ON = {"gl33": ("gl33", "es31", "es2"), "es31": ("es31", "es2"), "es2": ("es2",)}
+
+
+def check_backend(requested: str, profile: str | None) -> str | None:
+    """Refuse an unknown --backend, or a GL target the profile's GPU cannot run, before any
+    contact; returns the profile's GL target (None without a profile)."""
+    if requested not in BACKENDS:
+        raise SplitedgeError(f"unknown --backend {requested!r}; choose from {', '.join(BACKENDS)}")
+    if not profile:
+        return None
+    from deploy.devices import load_profile
+
+    target = load_profile(profile).gl_target
+    if requested in RUNS_ON and requested not in RUNS_ON[target]:
+        raise SplitedgeError(
+            f"--backend {requested} cannot run on {profile}: its GPU's GL target is {target}; "
+            f"use --backend {target}, ort or auto"
+        )
+    return target
+
+
+def resolve_backend(
+    requested: str, profile: str | None, facts: dict[str, Any]
+) -> tuple[str, str, dict[str, Any] | None, str | None]:
+    """(backend, why, report row, problem) for the service and its health gate on this device.
+
+    auto with a profile: the profile's GL target when the device has its GL libraries, else
+    onnxruntime (saying which package would enable GL); without a profile the device decides.
+    """
+    target = check_backend(requested, profile)
+    gl = requested if requested in GL_LIBRARIES else target if requested == "auto" else None
+    if gl is None:
+        why = "requested" if requested == "ort" else "auto: chosen on the device (no --profile)"
+        return requested, why, None, None
+    libs = facts.get("gl_libraries") or {}
+    needed = GL_LIBRARIES[gl]
+    missing = [n for n in needed if not libs.get(n)]
+    apt = "sudo apt install " + " ".join(APT_PACKAGES[n] for n in missing) + " libgl1-mesa-dri"
+    row = {
+        "check": f"GL libraries ({gl})",
+        "device": ", ".join(str(libs[n]) for n in needed if libs.get(n)) or "none",
+        "needs": " and ".join(f"lib{n}" for n in needed),
+        "ok": "yes" if not missing else ("NO" if requested != "auto" else "no: ort instead"),
+    }
+    names = " and ".join(f"lib{n}" for n in missing)
+    if missing and requested != "auto":
+        return requested, "", row, f"--backend {requested} needs {names} on the device: {apt}"
+    if missing:
+        return "ort", f"auto: no {names} on the device, so onnxruntime ({apt} for {gl})", row, None
+    if requested == "auto":
+        return gl, f"auto: {profile}'s GL target, its GL libraries are on the device", row, None
+    return gl, "requested", row, None

@@ -1,8 +1,9 @@
 """The device side of flashing: a stdlib-only script the flasher pipes to the device's python3.
 
-Run as ``ssh HOST -- python3 - OP --root R ...`` with this file on stdin, so the
-device needs nothing but Python 3.9+ before its first flash. Every op prints one
-JSON object on stdout; a refusal prints ``{"ok": false, "error": "..."}`` and exits 1.
+Run as ``ssh HOST -- python3 - OP --root R ...`` with this file (and the device_*
+modules it imports, bundled by transport.device_script) on stdin, so the device
+needs nothing but Python 3.9+ before its first flash. Every op prints one JSON
+object on stdout; a refusal prints ``{"ok": false, "error": "..."}`` and exits 1.
 
 Device layout under the root (default $SPLITEDGE_ROOT or /opt/splitedge)::
 
@@ -11,8 +12,8 @@ Device layout under the root (default $SPLITEDGE_ROOT or /opt/splitedge)::
     runtimes/<key>/venv/    the edge runtime, shared by releases that need the same one
     wheelhouse/             wheels carried by the flasher (the splitedge wheel; all deps with --offline)
     current, previous       symlinks into releases/, switched atomically (symlink + rename)
-    state/                  health.json, history.jsonl, service.json
-    run/                    supervisor.pid, service.log, actions.sock
+    state/                  commit.json (pending/committed/reverted), health.json, history.jsonl, service.json
+    run/                    supervisor.pid, service.log, commit-watchdog.log, actions.sock
     etc/signing.pub         when present, every bundle must carry a valid signature by this key
 """
 
@@ -24,21 +25,31 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from deploy.flash import device_commit as commit
+from deploy.flash import device_manage as manage
+from deploy.flash.device_base import (
+    DEVICE_SETTINGS,
+    Refused,
+    can_manage_systemd,
+    link_name,
+    read_json,
+    read_or_none,
+    release_kind,
+    replace_symlink,
+    restart_service,
+    run_or_refuse,
+    service_state,
+    stop_service,
+)
+
 DEFAULT_ROOT = "/opt/splitedge"
-UNIT_NAME = "splitedge.service"
-UNIT_PATH = Path("/etc/systemd/system") / UNIT_NAME
 NOT_HASHED = {"manifest.json", "manifest.sig"}
-
-
-class Refused(Exception):
-    """The device refuses an operation; the message says why."""
 
 
 # -- facts (pre-flight) ---------------------------------------------------------------------
@@ -95,30 +106,29 @@ def _gl_version() -> str | None:
     return None
 
 
+def _gl_libraries() -> dict[str, str | None]:
+    """The GL libraries the dynamic loader finds (libEGL, and libGLESv2 or libGL for the targets)."""
+    import ctypes.util
+
+    return {name: ctypes.util.find_library(name) for name in ("EGL", "GLESv2", "GL")}
+
+
 def _existing_parent(p: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
 
 
-def _can_manage_systemd() -> tuple[bool, str]:
-    if not Path("/run/systemd/system").is_dir():
-        return False, "systemd is not running (no /run/systemd/system)"
-    if os.geteuid() == 0:
-        return True, "root"
-    sudo = shutil.which("sudo")
-    if sudo and subprocess.run([sudo, "-n", "true"], capture_output=True).returncode == 0:
-        return True, "passwordless sudo"
-    return False, "systemd runs but this user is not root and has no passwordless sudo"
-
-
-def facts(root: Path) -> dict[str, Any]:
-    """What pre-flight compares with the device profile."""
+def facts(root: Path, read_only: bool = False) -> dict[str, Any]:
+    """What pre-flight compares with the device profile (read_only: a dry run's, changes nothing)."""
+    if not read_only and (root / "state" / "commit.json").is_file():
+        commit.settle(root)  # a pending release whose watchdog is gone reverts first
+    txn = commit.transaction(root) or {}
     mem = _meminfo()
     limit = _cgroup_memory_limit()
     parent = _existing_parent(root)
     usage = shutil.disk_usage(parent)
-    systemd_ok, systemd_why = _can_manage_systemd()
+    systemd_ok, systemd_why = can_manage_systemd()
     venv_ok = (
         subprocess.run(
             [sys.executable, "-c", "import venv, ensurepip"], capture_output=True
@@ -137,6 +147,7 @@ def facts(root: Path) -> dict[str, Any]:
         "venv": venv_ok,
         "glibc": "-".join(platform.libc_ver()),
         "gl": _gl_version(),
+        "gl_libraries": _gl_libraries(),
         "ram_total_mb": mem.get("MemTotal", 0) // 2**20,
         "ram_limit_mb": (limit // 2**20) if limit else None,
         "ram_available_mb": mem.get("MemAvailable", 0) // 2**20,
@@ -146,18 +157,25 @@ def facts(root: Path) -> dict[str, Any]:
         "rsync": shutil.which("rsync") is not None,
         "systemd": systemd_ok,
         "systemd_reason": systemd_why,
-        "trusted_key": _read_or_none(root / "etc" / "signing.pub"),
-        "current": _link_name(root / "current"),
-        "previous": _link_name(root / "previous"),
+        "trusted_key": read_or_none(root / "etc" / "signing.pub"),
+        "current": link_name(root / "current"),
+        "previous": link_name(root / "previous"),
         "current_server": _current_server(root),
+        "device_config": read_json(root / "etc" / "device.json"),
+        "pending": txn if txn.get("state") == "pending" else None,
     }
 
 
 def _current_server(root: Path) -> str | None:
-    try:
-        return str(json.loads((root / "current" / "service.json").read_text())["server"])
-    except (OSError, ValueError, KeyError):
-        return None
+    settings = device_config(root)
+    return str(settings["server"]) if settings.get("server") else None
+
+
+def device_config(root: Path) -> dict[str, Any]:
+    """The settings the current release runs with: etc/device.json over its service.json."""
+    release = read_json(root / "current" / "service.json") or {}
+    merged = {k: v for k, v in release.items() if k in DEVICE_SETTINGS}
+    return {**merged, **(read_json(root / "etc" / "device.json") or {})}
 
 
 def _user() -> str:
@@ -167,14 +185,6 @@ def _user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except (ImportError, KeyError):
         return str(os.geteuid())
-
-
-def _read_or_none(p: Path) -> str | None:
-    return p.read_text().strip() if p.is_file() else None
-
-
-def _link_name(link: Path) -> str | None:
-    return os.readlink(link).split("/")[-1] if link.is_symlink() else None
 
 
 # -- staging --------------------------------------------------------------------------------
@@ -238,7 +248,7 @@ def stage(root: Path, release: str) -> dict[str, Any]:
     """Check the transferred release and move it into releases/ (one rename); never touches current."""
     incoming, target = root / "incoming" / release, root / "releases" / release
     needs = ["release.json", "bundle/manifest.json"]
-    if (incoming / "release.json").is_file() and _release_kind(incoming) != "llm":
+    if (incoming / "release.json").is_file() and release_kind(incoming) != "llm":
         needs += ["probe.npz", "service.json", "splitedge.service"]  # llm: no service
     for need in needs:
         if not (incoming / need).is_file():
@@ -247,15 +257,24 @@ def stage(root: Path, release: str) -> dict[str, Any]:
             )
     problems = check_bundle_files(incoming / "bundle") + check_env_wheels(incoming)
     if problems:
-        raise Refused("bundle on the device failed its hash check: " + "; ".join(problems))
+        for problem in problems:  # rsync keeps same-size, same-time files: make it resend them
+            name, _, why = problem.partition(": ")
+            if why.startswith("sha256"):
+                for base in (incoming / "bundle", incoming):
+                    (base / name).unlink(missing_ok=True)
+        raise Refused(
+            "bundle on the device failed its hash check: " + "; ".join(problems) + " (the "
+            "damaged files were removed from incoming/; flash again to resend them)"
+        )
     if target.exists():
         if _same_files(incoming, target):
             shutil.rmtree(incoming)
             return {"ok": True, "release": str(target), "already_staged": True}
-        if release in (_link_name(root / "current"), _link_name(root / "previous")):
+        if release in (link_name(root / "current"), link_name(root / "previous")):
             raise Refused(
                 f"release {release} is in use on the device with different contents (files, signature "
-                "or service config); bump the bundle version"
+                "or env packages); bump the bundle version (device settings such as the server change "
+                "with `splitedge flash --reconfigure`)"
             )
         shutil.rmtree(target)  # an unused leftover (e.g. a refused earlier try): replace it whole
     os.rename(incoming, target)
@@ -263,26 +282,24 @@ def stage(root: Path, release: str) -> dict[str, Any]:
 
 
 def _same_files(a: Path, b: Path) -> bool:
-    """Whether two release folders carry the same bundle, signature, probe and service config."""
+    """Whether two release folders carry the same bundle, signature, unit and release config."""
     # probe.npz follows from the bundle (and its zip timestamps differ run to run)
-    for rel in ("bundle/manifest.json", "bundle/manifest.sig", "service.json", "splitedge.service"):
+    for rel in ("bundle/manifest.json", "bundle/manifest.sig", "splitedge.service"):
         pa, pb = a / rel, b / rel
         if pa.is_file() != pb.is_file() or (pa.is_file() and _sha256(pa) != _sha256(pb)):
             return False
-    return True
+    # the device's settings (server, backend, ...) live in etc/device.json, not in the release
+    return _release_config(a / "service.json") == _release_config(b / "service.json")
 
 
-def _release_kind(release: Path) -> str:
-    """'policy' or 'llm' (release.json; releases flashed before kinds were recorded are policy)."""
-    try:
-        return str(json.loads((release / "release.json").read_text()).get("kind", "policy"))
-    except (OSError, ValueError):
-        return "policy"
+def _release_config(path: Path) -> dict[str, Any] | None:
+    raw = read_json(path)
+    return None if raw is None else {k: v for k, v in raw.items() if k not in DEVICE_SETTINGS}
 
 
 def discard(root: Path, release: str) -> dict[str, Any]:
     """Remove a refused release, unless it is current or previous."""
-    if release in (_link_name(root / "current"), _link_name(root / "previous")):
+    if release in (link_name(root / "current"), link_name(root / "previous")):
         return {"ok": True, "removed": False, "reason": "release is in use"}
     shutil.rmtree(root / "releases" / release, ignore_errors=True)
     return {"ok": True, "removed": True}
@@ -291,7 +308,7 @@ def discard(root: Path, release: str) -> dict[str, Any]:
 def trust_key(root: Path, key_line: str) -> dict[str, Any]:
     """Configure the public key every later bundle must be signed with (first flash only)."""
     path = root / "etc" / "signing.pub"
-    current = _read_or_none(path)
+    current = read_or_none(path)
     if current is not None and current.split()[:2] != key_line.split()[:2]:
         raise Refused(
             f"the device already trusts a different signing key ({path}); "
@@ -320,7 +337,7 @@ def install_runtime(
         # built in place (venvs hard-code their path); .complete is written last, so a half-built
         # runtime from an interrupted flash is wiped and rebuilt, never used
         shutil.rmtree(runtime, ignore_errors=True)
-        _run([python, "-m", "venv", str(runtime / "venv")], "create the venv")
+        run_or_refuse([python, "-m", "venv", str(runtime / "venv")], "create the venv")
         pip = [
             str(runtime / "venv" / "bin" / "python"),
             "-m",
@@ -332,13 +349,13 @@ def install_runtime(
             str(root / "wheelhouse"),
         ]
         pip += ["--no-index"] if offline else []
-        _run(pip + pip_args + requirements, "install the edge runtime")
+        run_or_refuse(pip + pip_args + requirements, "install the edge runtime")
         (runtime / ".complete").write_text(
             json.dumps({"requirements": requirements, "offline": offline})
         )
         installed = True
     link = root / "releases" / release / "runtime"
-    _replace_symlink(link, f"../../runtimes/{key}")
+    replace_symlink(link, f"../../runtimes/{key}")
     packages = install_env_packages(
         root / "releases" / release, runtime / "venv" / "bin" / "python"
     )
@@ -361,7 +378,7 @@ def install_env_packages(release: Path, python: Path) -> list[str]:
         tmp = release / ".packages.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps"]
-        _run(
+        run_or_refuse(
             pip + ["--no-index", "--target", str(tmp)] + [str(release / w) for w in wheels],
             "install the env packages",
         )
@@ -369,182 +386,26 @@ def install_env_packages(release: Path, python: Path) -> list[str]:
     return [Path(w).name for w in wheels]
 
 
-def _run(argv: list[str], what: str) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-6:]
-        raise Refused(
-            f"could not {what} ({' '.join(argv[:3])} ... exit {r.returncode}): " + " | ".join(tail)
-        )
-
-
-# -- switching ------------------------------------------------------------------------------
-def _replace_symlink(link: Path, target: str) -> None:
-    """Atomically point link at target: the same syscalls as `ln -sfn target tmp && mv -T tmp link`."""
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
-    if tmp.is_symlink():
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _history(root: Path, event: dict[str, Any]) -> None:
-    with open(root / "state" / "history.jsonl", "a") as f:
-        f.write(
-            json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}) + "\n"
-        )
-
-
-def switch(root: Path, release: str, reason: str = "flash") -> dict[str, Any]:
-    """current -> releases/<release>; previous -> what current was. Then restart the service."""
-    if not (root / "releases" / release / "runtime").exists():
-        raise Refused(f"release {release} is not staged with a runtime; flash it again")
-    old = _link_name(root / "current")
-    if old and old != release:
-        _replace_symlink(root / "previous", f"releases/{old}")
-    _replace_symlink(root / "current", f"releases/{release}")
-    _history(root, {"event": reason, "from": old, "to": release})
-    return {"ok": True, "previous": old, "current": release, "service": restart_service(root)}
-
-
-def rollback(root: Path, allow_empty: bool = False, restore_previous: str = "") -> dict[str, Any]:
-    """Swap current and previous; with no previous (a failed first flash), remove current if allowed.
-
-    restore_previous (a failed flash undoing itself): afterwards point previous back at that
-    release ("-": none), so a later rollback never lands on the release that just failed.
-    """
-    prev, cur = _link_name(root / "previous"), _link_name(root / "current")
-    if prev and (root / "releases" / prev).is_dir():
-        result = switch(root, prev, reason="rollback")
-        if restore_previous == "-" and (root / "previous").is_symlink():
-            (root / "previous").unlink()
-        elif restore_previous and (root / "releases" / restore_previous).is_dir():
-            _replace_symlink(root / "previous", f"releases/{restore_previous}")
-        return {**result, "previous": _link_name(root / "previous"), "rolled_back_from": cur}
-    if not allow_empty:
-        raise Refused("no previous release on the device to roll back to")
-    stop_service(root)
-    if (root / "current").is_symlink():
-        (root / "current").unlink()
-    _history(root, {"event": "rollback", "from": cur, "to": None})
-    return {
-        "ok": True,
-        "previous": None,
-        "current": None,
-        "rolled_back_from": cur,
-        "service": "stopped",
-    }
-
-
-# -- the service ----------------------------------------------------------------------------
-def _supervisor_pid(root: Path) -> int | None:
-    """The recorded supervisor pid if that process is still our supervisor (pids get reused)."""
-    try:
-        pid = int((root / "run" / "supervisor.pid").read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except (OSError, ValueError):
-        return None
-    return pid if b"edge.service" in cmdline and b"supervise" in cmdline else None
-
-
-def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
-    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    return subprocess.run([*prefix, "systemctl", *args], capture_output=True, text=True)
-
-
-def restart_service(root: Path) -> str:
-    """(Re)start the service on the current release: systemd when manageable, else the supervisor."""
-    if _release_kind(root / "current") == "llm":
-        return f"no service for an llm bundle ({stop_service(root)})"
-    unit = root / "current" / "splitedge.service"
-    if _can_manage_systemd()[0] and unit.is_file():
-        if not UNIT_PATH.is_file() or UNIT_PATH.read_text() != unit.read_text():
-            prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-            _run(
-                [*prefix, "install", "-m", "0644", str(unit), str(UNIT_PATH)],
-                "install the systemd unit",
-            )
-            _systemctl("daemon-reload")
-            _systemctl("enable", UNIT_NAME)
-        r = _systemctl("restart", UNIT_NAME)
-        return (
-            "systemd: restarted"
-            if r.returncode == 0
-            else f"systemd: restart failed: {r.stderr.strip()}"
-        )
-    stop_service(root)
-    python = root / "current" / "runtime" / "venv" / "bin" / "python"
-    log = open(root / "run" / "service.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [str(python), "-m", "edge.service", "supervise", "--root", str(root)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        close_fds=True,
-        start_new_session=True,
-        cwd=str(root),
-    )
-    (root / "run" / "supervisor.pid").write_text(str(proc.pid))
-    return f"supervisor: started pid {proc.pid}"
-
-
-def stop_service(root: Path) -> str:
-    """Stop whichever manager runs the service."""
-    if _can_manage_systemd()[0] and UNIT_PATH.is_file():
-        _systemctl("stop", UNIT_NAME)
-        return "systemd: stopped"
-    pid = _supervisor_pid(root)
-    if pid is None:
-        return "supervisor: not running"
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
-        if _supervisor_pid(root) is None or _zombie(pid):
-            return "supervisor: stopped"
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    return "supervisor: killed after 5 s"
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def service_state(root: Path) -> dict[str, Any]:
-    """Manager, whether it runs, and the service's own last word (state/service.json)."""
-    systemd = _can_manage_systemd()[0] and UNIT_PATH.is_file()
-    own_path = Path("/run/splitedge/service.json") if systemd else root / "state" / "service.json"
-    try:
-        own = json.loads(own_path.read_text())
-    except (OSError, ValueError):
-        own = {}
-    if systemd:
-        active = _systemctl("is-active", UNIT_NAME).stdout.strip()
-        return {"manager": "systemd", "active": active, **own}
-    pid = _supervisor_pid(root)
-    return {"manager": "supervisor", "active": "active" if pid else "inactive", "pid": pid, **own}
-
-
 def status(root: Path) -> dict[str, Any]:
     """Everything `splitedge status` shows."""
+    if (root / "state" / "commit.json").is_file():
+        commit.settle(root)
+    txn = commit.transaction(root)
+    if txn and txn["state"] == "pending":
+        txn["seconds_left"] = round(txn["deadline_epoch"] - time.time(), 1)
     health = root / "state" / "health.json"
-    releases = (
-        sorted(p.name for p in (root / "releases").iterdir())
-        if (root / "releases").is_dir()
-        else []
-    )
     return {
         "ok": True,
         "root": str(root),
-        "current": _link_name(root / "current"),
-        "previous": _link_name(root / "previous"),
-        "releases": releases,
-        "kind": _release_kind(root / "current") if (root / "current").is_dir() else None,
-        "last_health": json.loads(health.read_text()) if health.is_file() else None,
+        "current": link_name(root / "current"),
+        "previous": link_name(root / "previous"),
+        "releases": manage.releases(root),
+        "kind": release_kind(root / "current") if (root / "current").is_dir() else None,
+        "last_health": read_json(health),
+        "transaction": txn,
+        "config": device_config(root),
         "service": service_state(root),
-        "trusted_key": _read_or_none(root / "etc" / "signing.pub"),
+        "trusted_key": read_or_none(root / "etc" / "signing.pub"),
     }
 
 
@@ -561,10 +422,15 @@ def main(argv: list[str] | None = None) -> int:
             "trust-key",
             "runtime",
             "switch",
+            "commit",
+            "revert",
             "rollback",
             "restart",
             "stop",
             "status",
+            "releases",
+            "prune",
+            "logs",
         ),
     )
     p.add_argument("--root", default=None)
@@ -572,15 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key", default="")
     p.add_argument("--python", default="python3")
     p.add_argument("--offline", action="store_true")
-    p.add_argument("--allow-empty", action="store_true")
-    p.add_argument("--restore-previous", default="")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--lines", type=int, default=50)
+    p.add_argument("--config", default="", help="the device settings, JSON (etc/device.json)")
+    p.add_argument("--reason", default="flash")
+    p.add_argument("--deadline", type=float, default=commit.DEFAULT_DEADLINE_S)
+    p.add_argument("--id", default="")
+    p.add_argument("--why", default="")
+    p.add_argument("--to", default="")
     p.add_argument("--requirement", action="append", default=[])
     p.add_argument("--pip-arg", action="append", default=[])
     a = p.parse_args(argv)
     root = Path(os.path.expanduser(a.root or os.environ.get("SPLITEDGE_ROOT") or DEFAULT_ROOT))
     try:
         ops = {
-            "facts": lambda: facts(root),
+            "facts": lambda: facts(root, a.read_only),
             "prepare": lambda: prepare(root, a.release),
             "stage": lambda: stage(root, a.release),
             "discard": lambda: discard(root, a.release),
@@ -588,11 +461,18 @@ def main(argv: list[str] | None = None) -> int:
             "runtime": lambda: install_runtime(
                 root, a.release, a.key, a.python, a.requirement, a.offline, a.pip_arg
             ),
-            "switch": lambda: switch(root, a.release),
-            "rollback": lambda: rollback(root, a.allow_empty, a.restore_previous),
+            "switch": lambda: commit.begin(
+                root, a.release, a.deadline, a.reason, json.loads(a.config) if a.config else None
+            ),
+            "commit": lambda: commit.commit(root, a.id, a.why),
+            "revert": lambda: commit.revert(root, a.id, a.why or "reverted by the flasher"),
+            "rollback": lambda: commit.rollback(root, a.to),
             "restart": lambda: {"ok": True, "service": restart_service(root)},
             "stop": lambda: {"ok": True, "service": stop_service(root)},
             "status": lambda: status(root),
+            "releases": lambda: {"ok": True, "releases": manage.releases(root)},
+            "prune": lambda: manage.prune(root, a.keep),
+            "logs": lambda: manage.logs(root, a.lines),
         }
         out = ops[a.op]()
     except (Refused, OSError) as e:

@@ -25,7 +25,8 @@ from splitedge.errors import SplitedgeError
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE_PACKAGES = ("splitedge", "edge", "protos")
-EXTRA_REQUIREMENTS = ("cryptography",)  # signature checks on the device
+# signature checks on the device; PyOpenGL drives the GL encoders (es2/es31/gl33) through EGL
+EXTRA_REQUIREMENTS = ("cryptography", "PyOpenGL>=3.1")
 _SOURCE_SUFFIXES = {".py", ".proto", ".toml", ".json", ".pyi"}
 
 

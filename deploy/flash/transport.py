@@ -8,9 +8,12 @@ shell; it is built with shlex.join from a list, so nothing in it is interpreted.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,37 @@ from typing import Any
 from splitedge.errors import SplitedgeError
 
 REMOTE_SCRIPT = Path(__file__).with_name("remote.py")
+# stdlib-only modules remote.py imports, in dependency order; sent with it as one script
+DEVICE_MODULES = ("device_base", "device_commit", "device_manage")
 _TARGET = re.compile(
     r"^(?:(?P<user>[^@\s/]+)@)?(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<host>[^@:\s/\[\]]+))(?::(?P<port>\d+))?$"
 )
+
+
+def device_script() -> str:
+    """remote.py and the device modules it imports, as one script for the device's `python3 -`.
+
+    Each module is compiled under its own name and registered in sys.modules, so remote.py's
+    imports resolve there exactly as they do here; remote.py itself runs as __main__.
+    """
+    sources = {
+        f"deploy.flash.{m}": REMOTE_SCRIPT.with_name(f"{m}.py").read_text() for m in DEVICE_MODULES
+    }
+    return "\n".join(
+        [
+            "import sys, types",
+            "for _pkg in ('deploy', 'deploy.flash'):",
+            "    sys.modules[_pkg] = types.ModuleType(_pkg)",
+            "    sys.modules[_pkg].__path__ = []",
+            f"for _name, _src in {sources!r}.items():",
+            "    _mod = sys.modules[_name] = types.ModuleType(_name)",
+            "    exec(compile(_src, _name.replace('.', '/') + '.py', 'exec'), _mod.__dict__)",
+            "    setattr(sys.modules['deploy.flash'], _name.rsplit('.', 1)[1], _mod)",
+            f"_src = {REMOTE_SCRIPT.read_text()!r}",
+            "exec(compile(_src, 'deploy/flash/remote.py', 'exec'), {'__name__': '__main__'})",
+            "",
+        ]
+    )
 
 
 class DeviceRefused(SplitedgeError):
@@ -77,6 +108,8 @@ class Transport:
     def ssh_base(self) -> list[str]:
         """ssh and its options, without the destination (rsync's -e takes this)."""
         argv = [self.ssh, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout_s}"]
+        # a cut link shows as a dead session within ~15 s instead of a hang
+        argv += ["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
         if self.ssh_config is not None:
             argv += ["-F", str(self.ssh_config)]
         if self.target.port:
@@ -155,7 +188,7 @@ class Transport:
                 ]  # '=' keeps values like '--index-url=...' values
             elif value not in (None, False, ""):
                 argv.append(f"{flag}={value}")
-        r = self.run(argv, stdin=REMOTE_SCRIPT.read_text(), timeout_s=timeout_s, check=False)
+        r = self.run(argv, stdin=device_script(), timeout_s=timeout_s, check=False)
         return parse_result(r, f"{self.target}: {op}")
 
     def copy(
@@ -163,22 +196,34 @@ class Transport:
         src: Path,
         remote_dir: str,
         bwlimit_kbps: int | None = None,
-        timeout_s: float | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
-        """rsync src/ to remote_dir/ (resumable)."""
+        """rsync src/ to remote_dir/ (resumable); progress gets rsync's overall progress lines."""
+        argv = self.rsync_argv(src, remote_dir, bwlimit_kbps)
+        if progress is not None:
+            argv[1:1] = ["--info=progress2", "--no-inc-recursive"]
         try:
-            r = subprocess.run(
-                self.rsync_argv(src, remote_dir, bwlimit_kbps),
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError as e:
             raise SplitedgeError(f"`{self.rsync}` not found here; install rsync") from e
-        if r.returncode != 0:
+        errors: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()))  # type: ignore[union-attr]
+        reader.start()
+        assert proc.stdout is not None
+        pending = b""
+        out = proc.stdout.fileno()
+        for chunk in iter(lambda: os.read(out, 4096), b""):
+            *lines, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                if progress is not None and "%" in text:
+                    progress(text)
+        proc.wait()
+        reader.join()
+        if proc.returncode != 0:
             raise SplitedgeError(
-                f"copy to {self.target}:{remote_dir} failed (rsync exit {r.returncode}): "
-                f"{_last_line(r.stderr)}. Run flash again to resume."
+                f"copy to {self.target}:{remote_dir} failed (rsync exit {proc.returncode}): "
+                f"{_last_line(b''.join(errors).decode(errors='replace'))}. Run flash again to resume."
             )
 
 

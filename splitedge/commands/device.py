@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+from splitedge.errors import os_errors_in_one_line
 from splitedge.output import emit, table
 
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=emulate)
 
 
+@os_errors_in_one_line
 def emulate(args: argparse.Namespace) -> int:
     from deploy.emulate.device import EmulatedDevice
 

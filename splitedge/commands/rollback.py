@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from splitedge.errors import os_errors_in_one_line
 from splitedge.output import emit, table
 
 
@@ -13,14 +14,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rollback",
         help="switch a device back to its previous release",
-        description="Swap the device's `current` and `previous` releases atomically, "
-        "restart its service and run the health check on the restored release.",
+        description="Swap the device's `current` and `previous` releases atomically (or, with "
+        "--to, make any release on the device current), restart its service and run the health "
+        "check on the restored release. A release still pending after a flash just reverts.",
     )
     p.add_argument("--host", required=True, help="USER@HOST[:PORT] or an ssh config alias")
+    p.add_argument(
+        "--to",
+        default="",
+        metavar="VERSION",
+        help="the release to go to: its version (1.0.0) or full name (cartpole-ppo-1.0.0), as "
+        "`splitedge status` lists them (default: the previous release)",
+    )
     add_ssh_options(p)
     p.set_defaults(func=run)
 
 
+@os_errors_in_one_line
 def run(args: argparse.Namespace) -> int:
     from deploy.flash.flasher import rollback_device
     from deploy.flash.transport import Target, Transport
@@ -32,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         ssh_options=args.ssh_option,
         device_python=args.device_python,
     )
-    r = rollback_device(t, args.root)
+    r = rollback_device(t, args.root, to=args.to)
     health = r["health"]
     rows = [
         {"field": "current", "value": r["current"]},
