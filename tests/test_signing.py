@@ -106,3 +106,34 @@ def test_sign_command_generates_a_key_and_refuses_to_overwrite(
     with pytest.raises(SplitedgeError, match="already exists"):
         generate_keypair(key, Path(f"{key}.pub"))
     assert main(["bundle", "sign", str(bundle), "--key", str(tmp_path / "missing")]) == 2
+
+
+def test_verify_and_serve_with_a_key_refuse_an_edited_or_unsigned_bundle(
+    bundle: Path,
+    keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import server.app
+
+    priv, pub = keys
+    started = []
+    monkeypatch.setattr(server.app, "serve", lambda cfg, on_ready=None: started.append(cfg) or 0)
+    serve = ["serve", "--bundle", str(bundle), "--port", "0", "--public-key", str(pub)]
+    verify = ["bundle", "verify", str(bundle), "--public-key", str(pub)]
+    assert main(verify) == 1 and "is not signed" in capsys.readouterr().err
+    assert main(serve) == 2 and not started
+    sign_bundle(bundle, priv)
+    assert main(verify) == 0 and "signature valid" in capsys.readouterr().out
+    assert main(serve) == 0 and len(started) == 1
+    # an edited manifest: every file still matches it, only the signature can tell
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["version"] = "9.9.9"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["bundle", "verify", str(bundle)]) == 0, "hashes alone cannot see it"
+    capsys.readouterr()
+    assert main(verify) == 1
+    err = capsys.readouterr().err.strip()
+    assert "signature does not match" in err and len(err.splitlines()) == 1
+    assert main(serve) == 2 and len(started) == 1, "serve refused it before listening"
+    assert main(["bundle", "verify", str(bundle), "--public-key", str(bundle / "nope")]) == 2

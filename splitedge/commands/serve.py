@@ -60,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     p.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        help="ed25519 public key: refuse to start unless the bundle carries a valid signature "
+        "by it (default: hashes checked, signature not required)",
+    )
+    p.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)",
@@ -186,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
     from server.app import serve
     from server.logs import configure
 
+    if args.public_key is not None:  # an unsigned or edited bundle is refused before listening
+        from splitedge.bundle import load_bundle
+
+        load_bundle(args.bundle, verify=True, public_key=args.public_key)
     cfg = config_from_args(args)
     configure(cfg.log_level, cfg.log_json)
 
