@@ -3,17 +3,22 @@
 User code on a robot calls this directly::
 
     from edge.client import connect
-    with connect("models/zoo/cartpole-ppo", "10.0.0.5:50051") as policy:
+    with connect("models/zoo/cartpole-ppo", "10.0.0.5:50051", deadline_s=0.1) as policy:
         action = policy.act(frame)          # uint8 (C, H, W) -> action
         print(policy.last.total_ms)         # this decision's timings
 
-Every call has a deadline. On a timeout or a dropped connection the client
-returns the fallback action (the last action by default), counts it, and
-reconnects with exponential backoff without ever blocking past the deadline.
+Every decision has a deadline. A reply that misses it is a fallback action (the last action
+by default) for that decision only: replies carry their request's step, so the late one is
+dropped when it comes and the stream stays up. Only a broken stream or link (the server
+went away, restarted, drained) makes the client reconnect, in a background thread with
+exponential backoff, never inside a decision's deadline; decisions meanwhile wait at most
+their deadline for it. `python -m edge.client > docs/client.md` writes the options reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import queue
 import random
 import threading
@@ -35,6 +40,10 @@ from splitedge.bundle import Bundle, load_bundle
 from splitedge.errors import SplitedgeError
 
 MODES = ("split", "raw", "raw-png", "raw-jpeg")
+GRPC_PREFIX = 5  # gRPC length-prefixed message header
+DIAGNOSE_SHARE = 0.2  # of connect()'s wait_s, kept for asking TLS why a connection failed
+# a unary call failing with these means the session must be opened again (a new Hello)
+REHELLO = (grpc.StatusCode.FAILED_PRECONDITION,)
 
 
 class Unauthenticated(ConnectionError):
@@ -43,22 +52,38 @@ class Unauthenticated(ConnectionError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-GRPC_PREFIX = 5  # gRPC length-prefixed message header
-
-
 @dataclass
 class ClientConfig:
-    """How the device talks to the policy server."""
+    """How the device talks to the policy server.
+
+    server: 'host:port', a gRPC target (dns:///name:port) or 'ip:port,ip:port' replicas
+        (round-robin over all of them).
+    mode: 'split' sends the encoder's features; 'raw', 'raw-png', 'raw-jpeg' send the frame.
+    backend: encoder backend for split mode ('auto' picks the best that works here).
+    deadline_s: time one decision may take, encoding included; past it act() returns the
+        fallback action. A late reply is dropped when it arrives; the stream stays up.
+    rpc: 'stream' keeps one ActStream open for the session; 'unary' makes one Act per step.
+    fallback: 'last' (the last action the server gave, 0 before any) or an integer action.
+    backoff_s: (first, longest) wait between background reconnect attempts; doubles each
+        failure, with +-20% jitter.
+    wait_s: how long connect() waits for the server (connection, TLS, Hello) before it
+        raises ConnectionError (or Unauthenticated, or SplitedgeError if the server refuses
+        the bundle); a server that comes up within wait_s is used. Background reconnects
+        give each attempt as long.
+    client_id: a name the server logs with this device's session.
+    security: TLS / mutual TLS / bearer token (edge.channel.ChannelSecurity); None reads
+        SPLITEDGE_CA, SPLITEDGE_CERT, SPLITEDGE_KEY, SPLITEDGE_TOKEN_FILE, SPLITEDGE_TLS_NAME.
+    """
 
     server: str
     mode: str = "split"
     backend: str = "auto"
     deadline_s: float = 2.0
-    rpc: str = "stream"  # stream: one ActStream for the session; unary: one Act per step
-    fallback: str = "last"  # "last" or an integer action
+    rpc: str = "stream"
+    fallback: str = "last"
     backoff_s: tuple[float, float] = (0.05, 2.0)
+    wait_s: float = 5.0
     client_id: str = ""
-    # TLS / mutual TLS / bearer token; None reads SPLITEDGE_CA, _CERT, _KEY, _TOKEN_FILE
     security: ChannelSecurity | None = None
 
     def __post_init__(self) -> None:
@@ -68,6 +93,13 @@ class ClientConfig:
             raise SplitedgeError(f"rpc {self.rpc!r} must be stream or unary")
         if self.deadline_s <= 0:
             raise SplitedgeError(f"deadline must be > 0 s, got {self.deadline_s}")
+        if self.wait_s <= 0:
+            raise SplitedgeError(f"wait_s must be > 0 s, got {self.wait_s}")
+        lo, hi = self.backoff_s
+        if not 0 < lo <= hi:
+            raise SplitedgeError(
+                f"backoff_s must be (first, longest) with 0 < first <= longest, got {self.backoff_s}"
+            )
         if self.fallback != "last":
             try:
                 int(self.fallback)
@@ -93,26 +125,66 @@ class Decision:
     error: str = ""
 
 
-class _Stream:
-    """One ActStream call with a reader thread, so each step can wait with a deadline."""
+class _Late(TimeoutError):
+    """No reply before the decision's deadline (the link itself may be fine)."""
 
-    def __init__(self, stub: pb_grpc.PolicyStub):
+
+class _Down(ConnectionError):
+    """Not connected: the stream or link broke and a background reconnect is under way."""
+
+
+class _Stream:
+    """One ActStream call. A reader thread hands each reply to the step that waits for it and
+    drops the rest (late replies to steps that already fell back); a broken stream tells
+    `on_end` once."""
+
+    def __init__(self, stub: pb_grpc.PolicyStub, on_end: Any):
         self._requests: queue.Queue[pb.ActRequest | None] = queue.Queue()
-        self.replies: queue.Queue[pb.ActReply | Exception] = queue.Queue()
+        self._cond = threading.Condition()
+        self._awaiting: int | None = None
+        self._reply: pb.ActReply | None = None
+        self.ended: BaseException | None = None
+        self.late_replies = 0
+        self._on_end = on_end
         self._call = stub.ActStream(iter(self._requests.get, None))
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._read, name="act-stream", daemon=True).start()
 
     def _read(self) -> None:
+        error: BaseException
         try:
             for reply in self._call:
-                self.replies.put(reply)
-            self.replies.put(ConnectionError("stream closed by server"))
+                with self._cond:
+                    if reply.step == self._awaiting:
+                        self._reply = reply
+                        self._cond.notify_all()
+                    else:
+                        self.late_replies += 1
+            error = ConnectionError("stream closed by server")
         except grpc.RpcError as e:
-            self.replies.put(e)
+            error = e
+        with self._cond:
+            self.ended = error
+            self._cond.notify_all()
+        self._on_end(self, error)
 
-    def send(self, request: pb.ActRequest) -> None:
+    def exchange(self, request: pb.ActRequest, deadline: float) -> pb.ActReply:
+        """Send a request and wait for its reply until `deadline` (perf_counter)."""
+        with self._cond:
+            if self.ended is not None:
+                raise _Down(_describe(self.ended))
+            self._awaiting, self._reply = request.step, None
         self._requests.put(request)
+        with self._cond:
+            while self._reply is None and self.ended is None:
+                left = deadline - time.perf_counter()
+                if left <= 0 or not self._cond.wait(left):
+                    if self._reply is None and self.ended is None:
+                        self._awaiting = None
+                        raise _Late("no reply before the deadline")
+            reply, self._reply, self._awaiting = self._reply, None, None
+            if reply is None:
+                raise _Down(_describe(self.ended))  # type: ignore[arg-type]
+            return reply
 
     def close(self) -> None:
         self._requests.put(None)
@@ -121,7 +193,12 @@ class _Stream:
 
 @dataclass
 class PolicyClient:
-    """A session with a policy server for one bundle; `act(frame)` always returns an action."""
+    """A session with a policy server for one bundle; `act(frame)` always returns an action.
+
+    Counters: `fallbacks` (decisions that got the fallback action), `reconnects` (background
+    reconnects that succeeded), `late_replies` (replies dropped for arriving after their
+    decision's deadline); `last` is the latest Decision. One thread at a time may call act().
+    """
 
     bundle: Bundle
     config: ClientConfig
@@ -136,8 +213,9 @@ class PolicyClient:
     _session: int = 0
     _step: int = 0
     _last_action: Any = None
-    _retry_at: float = 0.0
-    _backoff: float = 0.0
+    _connected: bool = False
+    _closed: bool = False
+    _error: str = ""
     _specs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -147,6 +225,9 @@ class PolicyClient:
         if self.config.mode == "split" and self.encoder is None:
             self.encoder, self.encoder_reason = make_encoder(self.bundle, self.config.backend)
         self._last_action = self._initial_action()
+        self._cond = threading.Condition()
+        self._reconnector: threading.Thread | None = None
+        self._late_before = 0  # late replies of streams already closed
 
     def _initial_action(self) -> Any:
         value = 0 if self.config.fallback == "last" else int(self.config.fallback)
@@ -160,28 +241,54 @@ class PolicyClient:
             a = np.clip(a, low, high)
         return a
 
+    @property
+    def late_replies(self) -> int:
+        stream = self._stream
+        return self._late_before + (stream.late_replies if stream is not None else 0)
+
     # -- connection -------------------------------------------------------------------------
-    def connect(self) -> PolicyClient:
-        """Open the channel and say Hello; raises SplitedgeError if the server refuses the bundle."""
-        self._open(explain=True)
+    def connect(self, wait_s: float | None = None) -> PolicyClient:
+        """Connect and say Hello, waiting up to `wait_s` (default config.wait_s) for the server.
+
+        Raises ConnectionError if it is not reachable in that time, Unauthenticated if it
+        refuses this device's credentials, SplitedgeError if it refuses the bundle.
+        """
+        wait = self.config.wait_s if wait_s is None else wait_s
+        end = time.perf_counter() + wait
+        try:
+            self._open(wait * (1 - DIAGNOSE_SHARE))
+        except grpc.RpcError as e:
+            raise self._failure(e, explain_by=end) from e
         return self
 
-    def _open(self, timeout: float | None = None, explain: bool = False) -> None:
-        """Channel + Hello. explain: on a failed connection, find out whether the server
-        refused our TLS credentials (a few seconds; never inside act's deadline)."""
-        self._close_channel()
-        self._channel = make_channel(
-            self.config.server,
-            options=[
-                ("grpc.max_receive_message_length", 8 << 20),
-                # Bandwidth-delay probing sends a 17-byte PING (and gets one back) after most
-                # replies on slow links: a fifth of a decision's bytes, for a window we never fill.
-                ("grpc.http2.bdp_probe", 0),
-                ("grpc.keepalive_time_ms", 30_000),
-            ],
-            security=self.config.security,
-        )
-        self._stub = pb_grpc.PolicyStub(self._channel)
+    def _ensure_channel(self) -> None:
+        lo, hi = self.config.backoff_s
+        if self._channel is None:
+            self._channel = make_channel(
+                self.config.server,
+                options=[
+                    ("grpc.max_receive_message_length", 8 << 20),
+                    # Bandwidth-delay probing sends a 17-byte PING (and gets one back) after
+                    # most replies on slow links: a fifth of a decision's bytes, for a window
+                    # we never fill.
+                    ("grpc.http2.bdp_probe", 0),
+                    ("grpc.keepalive_time_ms", 30_000),
+                    # gRPC's own reconnect backoff grows to 2 minutes; keep it to ours
+                    ("grpc.initial_reconnect_backoff_ms", round(lo * 1000)),
+                    ("grpc.min_reconnect_backoff_ms", round(lo * 1000)),
+                    ("grpc.max_reconnect_backoff_ms", round(hi * 1000)),
+                ],
+                security=self.config.security,
+            )
+            self._stub = pb_grpc.PolicyStub(self._channel)
+
+    def _open(self, timeout: float) -> None:
+        """Hello (waiting up to `timeout` for the server), then the stream; grpc.RpcError."""
+        with self._cond:
+            if self._closed:
+                raise ConnectionError("client closed")
+            self._ensure_channel()
+            stub = self._stub
         mode = pb.MODE_SPLIT if self.config.mode == "split" else pb.MODE_RAW
         hello = pb.HelloRequest(
             bundle_name=self.bundle.name,
@@ -196,42 +303,109 @@ class PolicyClient:
             ),
             client_id=self.config.client_id,
         )
-        try:
-            reply = self._stub.Hello(
-                hello, timeout=timeout or max(self.config.deadline_s, 5.0), wait_for_ready=True
-            )
-        except grpc.RpcError as e:
-            self._close_channel()
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise SplitedgeError(f"server refused the bundle: {e.details()}") from e
-            if explain and e.code() in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            ):
-                # a refused TLS credential looks like a dead server to gRPC: ask TLS itself
-                security = self.config.security or ChannelSecurity.from_env()
-                reason = diagnose(self.config.server, security)
-                if reason is not None:
-                    raise Unauthenticated(f"{self.config.server}: UNAUTHENTICATED {reason}") from e
-            failure = (
-                Unauthenticated if e.code() == grpc.StatusCode.UNAUTHENTICATED else ConnectionError
-            )
-            raise failure(f"{self.config.server}: {e.code().name} {e.details()}") from e
-        self._session = reply.session_id
-        if self.config.rpc == "stream":
-            self._stream = _Stream(self._stub)
+        reply = stub.Hello(hello, timeout=max(timeout, 1e-3), wait_for_ready=True)
+        stream = _Stream(stub, self._stream_ended) if self.config.rpc == "stream" else None
+        with self._cond:
+            if self._closed:
+                if stream is not None:
+                    stream.close()
+                raise ConnectionError("client closed")
+            old, self._stream = self._stream, stream
+            if old is not None:
+                self._late_before += old.late_replies
+            self._session, self._connected, self._error = reply.session_id, True, ""
+            self._cond.notify_all()
+        if old is not None:
+            old.close()
 
-    def _close_channel(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+    def _failure(self, e: grpc.RpcError, explain_by: float | None = None) -> Exception:
+        """The exception connect() raises for a failed Hello."""
+        code = e.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return SplitedgeError(f"server refused the bundle: {e.details()}")  # type: ignore[attr-defined]
+        if explain_by is not None and code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ):
+            # a refused TLS credential looks like a dead server to gRPC: ask TLS itself
+            security = self.config.security or ChannelSecurity.from_env()
+            left = max(0.1, explain_by - time.perf_counter())
+            reason = diagnose(self.config.server, security, timeout=left)
+            if reason is not None:
+                return Unauthenticated(f"{self.config.server}: UNAUTHENTICATED {reason}")
+        failure = Unauthenticated if code == grpc.StatusCode.UNAUTHENTICATED else ConnectionError
+        return failure(f"{self.config.server}: {code.name} {e.details()}")  # type: ignore[attr-defined]
+
+    def _stream_ended(self, stream: _Stream, error: BaseException) -> None:
+        """The reader of `stream` saw it end: reconnect in the background (if it is current)."""
+        with self._cond:
+            if stream is not self._stream or self._closed:
+                return
+        self._schedule_reconnect(_describe(error))
+
+    def _schedule_reconnect(self, why: str = "link dropped") -> None:
+        """Mark the session broken and have the background thread open a new one."""
+        with self._cond:
+            if self._closed:
+                return
+            self._connected, self._error = False, why
+            if self._reconnector is None or not self._reconnector.is_alive():
+                self._reconnector = threading.Thread(
+                    target=self._reconnect_loop, name="policy-reconnect", daemon=True
+                )
+                self._reconnector.start()
+            self._cond.notify_all()
+
+    def _reconnect_loop(self) -> None:
+        lo, hi = self.config.backoff_s
+        backoff = lo
+        while True:
+            with self._cond:
+                while self._connected and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                self._open(self.config.wait_s)
+            except (grpc.RpcError, SplitedgeError, ConnectionError, ValueError) as e:
+                with self._cond:
+                    self._error = _describe(e)
+                    self._cond.wait(backoff * random.uniform(0.8, 1.2))  # close() wakes it
+                backoff = min(hi, backoff * 2)
+            else:
+                with self._cond:
+                    self.reconnects += 1
+                backoff = lo
+
+    def _wait_connected(self, deadline: float) -> tuple[Any, _Stream | None, int]:
+        """(stub, stream, session) once connected, waiting for a reconnect until `deadline`."""
+        with self._cond:
+            reconnecting = self._reconnector is not None and self._reconnector.is_alive()
+            if not self._connected and not reconnecting and not self._closed:
+                self._schedule_reconnect(self._error or "not connected yet")  # no connect()
+            while not self._connected and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise _Down(f"not connected (reconnecting: {self._error})")
+                self._cond.wait(left)
+            if self._closed:
+                raise _Down("client closed")
+            return self._stub, self._stream, self._session
 
     def close(self) -> None:
-        """Close the session and the encoder."""
-        self._close_channel()
+        """Close the session, the channel and the encoder."""
+        with self._cond:
+            self._closed = True
+            stream, self._stream = self._stream, None
+            channel, self._channel = self._channel, None
+            self._cond.notify_all()
+        if stream is not None:
+            self._late_before += stream.late_replies
+            stream.close()
+        if channel is not None:
+            channel.close()  # ends a background Hello still waiting for the server
+        if self._reconnector is not None:
+            self._reconnector.join(self.config.wait_s + 1.0)
         if self.encoder is not None:
             self.encoder.close()
 
@@ -252,12 +426,12 @@ class PolicyClient:
         d = Decision(action=None, encode_ms=(t1 - t0) * 1e3)
         try:
             reply = self._exchange(request, t0 + self.config.deadline_s)
-        except (grpc.RpcError, ConnectionError, TimeoutError, queue.Empty) as e:
+        except (grpc.RpcError, ConnectionError, TimeoutError) as e:
             d.fallback, d.error = True, _describe(e)
             d.action = self._last_action
             self.fallbacks += 1
-            if not isinstance(e, _Waiting):  # waiting out a backoff must not re-arm it
-                self._schedule_reconnect()
+            if isinstance(e, grpc.RpcError) and e.code() in REHELLO:  # type: ignore[attr-defined]
+                self._schedule_reconnect(d.error)
         else:
             t2 = time.perf_counter()
             d.action = self._decode_action(reply.action)
@@ -265,7 +439,6 @@ class PolicyClient:
             d.server_queue_ms, d.server_compute_ms = reply.queue_us / 1e3, reply.compute_us / 1e3
             d.bytes_down = reply.ByteSize() + GRPC_PREFIX
             self._last_action = d.action if self.config.fallback == "last" else self._last_action
-            self._backoff = 0.0
         d.total_ms = (time.perf_counter() - t0) * 1e3
         d.bytes_up = request.ByteSize() + GRPC_PREFIX
         self.last = d
@@ -281,53 +454,62 @@ class PolicyClient:
         )
 
     def _exchange(self, request: pb.ActRequest, deadline: float) -> pb.ActReply:
-        if self._stub is None:
-            if time.perf_counter() < self._retry_at:
-                raise _Waiting("not connected (waiting to reconnect)")
-            self.reconnects += 1
-            try:
-                self._open(timeout=max(deadline - time.perf_counter(), 1e-3))
-            except ConnectionError:
-                self._stub = None
-                raise
-        request.session_id = self._session  # after any reconnect: a new Hello, a new session
-        timeout = max(deadline - time.perf_counter(), 1e-3)
-        if self._stream is None:
-            return self._stub.Act(request, timeout=timeout)
-        self._stream.send(request)
-        while True:
-            reply = self._stream.replies.get(timeout=timeout)
-            if isinstance(reply, Exception):
-                raise reply
-            if reply.step == request.step:  # drop late replies to steps that already fell back
-                return reply
-            timeout = max(deadline - time.perf_counter(), 1e-3)
+        stub, stream, session = self._wait_connected(deadline)
+        request.session_id = session  # after any reconnect: a new Hello, a new session
+        if stream is not None:
+            return stream.exchange(request, deadline)
+        return stub.Act(request, timeout=max(deadline - time.perf_counter(), 1e-3))  # type: ignore[no-any-return]
 
     def _decode_action(self, t: pb.Tensor) -> Any:
         a = from_tensor(t)
         return int(a.reshape(-1)[0]) if self._action["type"] == "discrete" else a.astype(np.float32)
 
-    def _schedule_reconnect(self) -> None:
-        lo, hi = self.config.backoff_s
-        self._backoff = min(hi, max(lo, self._backoff * 2))
-        self._retry_at = time.perf_counter() + self._backoff * random.uniform(0.8, 1.2)
-        self._close_channel()
-        self._stub = None
-
-
-class _Waiting(ConnectionError):
-    """No connection, and the reconnect backoff has not passed yet."""
-
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, grpc.RpcError):
         return f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
-    if isinstance(e, queue.Empty):
+    if isinstance(e, _Late):
         return "DEADLINE_EXCEEDED: no reply before the deadline"
+    if isinstance(e, _Down):
+        return f"UNAVAILABLE: {e}"
     return f"{type(e).__name__}: {e}"
 
 
 def connect(bundle: str | Path | Bundle, server: str, **config: Any) -> PolicyClient:
-    """Load a bundle, open a session with the server and return a ready client."""
+    """Load a bundle, open a session with the server and return a ready client.
+
+    `config` are ClientConfig's fields (deadline_s, rpc, fallback, wait_s, security, ...);
+    it waits up to wait_s (default 5 s) for the server, then raises ConnectionError.
+    """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     return PolicyClient(b, ClientConfig(server=server, **config)).connect()
+
+
+def options_reference() -> str:
+    """docs/client.md: connect(), PolicyClient and ClientConfig as their docstrings say."""
+    parts = [
+        "# Device client reference\n",
+        "Generated from the docstrings of `edge/client.py` and `edge/channel.py` by "
+        "`python -m edge.client > docs/client.md`; do not edit by hand.\n",
+    ]
+    for obj in (connect, PolicyClient.connect, PolicyClient.act, PolicyClient, ClientConfig,
+                ChannelSecurity):  # fmt: skip
+        parts.append(
+            f"## `{obj.__qualname__}{_signature(obj)}`\n\n```text\n{inspect.getdoc(obj)}\n```\n"
+        )
+    return "\n".join(parts)
+
+
+def _signature(obj: Any) -> str:
+    if not dataclasses.is_dataclass(obj):
+        return str(inspect.signature(obj))
+    shown = []
+    for f in dataclasses.fields(obj):
+        if f.name.startswith("_"):
+            continue
+        shown.append(f.name if f.default is dataclasses.MISSING else f"{f.name}={f.default!r}")
+    return f"({', '.join(shown)})"
+
+
+if __name__ == "__main__":
+    print(options_reference(), end="")

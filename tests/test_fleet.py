@@ -166,7 +166,9 @@ def test_clients_keep_acting_when_a_replica_is_killed(replicas: list[Replica]) -
     assert max(fallbacks) <= MAX_FALLBACKS, [
         (f, sorted(set(d.errors))) for f, d in zip(fallbacks, devices, strict=True)
     ]
-    assert sum(fallbacks) >= max(streams) >= 3  # each stream on the victim broke: a fallback
+    # each stream on the victim broke and was reopened on a survivor, in the background (so
+    # a break between two decisions costs none of them a fallback)
+    assert sum(d.client.reconnects for d in devices) >= max(streams) >= 3
     assert min(d.after_kill_ok for d in devices) >= AFTER_KILL_OK, [
         d.after_kill_ok for d in devices
     ]
