@@ -183,8 +183,9 @@ def test_corrupted_table_is_refused_and_a_wrong_probe_rolls_back(env: dict) -> N
     events = [json.loads(x) for x in (root / "state" / "history.jsonl").read_text().splitlines()]
     assert [(e["event"], e["to"]) for e in events] == [
         ("flash", V1),
+        ("commit", V1),
         ("flash", BAD),
-        ("rollback", V1),
+        ("revert", V1),
     ]
     health = json.loads((root / "state" / "health.json").read_text())
     assert health["ok"] and health["release"] == V1, "the restored release was checked"

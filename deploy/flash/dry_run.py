@@ -24,7 +24,11 @@ def dry_run(opts: FlashOptions, contact: bool = True) -> dict[str, Any]:
         {
             "check": "bundle",
             "result": f"{c.release}: hashes ok"
-            + (f", signature ok ({opts.public_key})" if opts.public_key else ", unsigned check"),
+            + (
+                f", signature ok ({opts.public_key})"
+                if opts.public_key
+                else ", signature not checked (no --public-key)"
+            ),
         },
         {"check": "profile", "result": opts.profile or "(none: generic checks)"},
     ]
