@@ -187,3 +187,21 @@ def test_releases_are_listed_and_pruned_but_never_current_or_previous(root: Path
     r = commit.begin(root, "a-2", 60)
     with pytest.raises(Refused, match="a-2 is pending"):
         manage.prune(root, keep=0)
+
+
+def test_the_device_config_wins_over_the_releases_settings(tmp_path: Path) -> None:
+    from edge.service import ServiceConfig
+
+    release, etc = tmp_path / "releases" / "a-1", tmp_path / "etc"
+    release.mkdir(parents=True)
+    etc.mkdir()
+    (etc / "token").write_text("t0ken\n")
+    config = {"bundle": "bundle", "server": "old:1", "backend": "auto"}
+    config["device_config"] = str(etc / "device.json")
+    (release / "service.json").write_text(json.dumps(config))
+    assert ServiceConfig.load(release / "service.json").server == "old:1", "no device config yet"
+    settings = {"server": "new:2", "backend": "ort", "token_file": str(etc / "token")}
+    (etc / "device.json").write_text(json.dumps({**settings, "unknown": 1}))
+    cfg = ServiceConfig.load(release / "service.json")
+    assert (cfg.server, cfg.backend) == ("new:2", "ort")
+    assert cfg.security().token() == "t0ken"
