@@ -141,3 +141,16 @@ def test_a_bundle_without_block_digests_is_hashed_whole_at_open(folded, tmp_path
         f.write(b"\xff\xff")
     with pytest.raises(SplitedgeError, match="does not match its sha256"):
         LlmRuntime(bundle)
+
+
+def test_report_sections_survive_a_regenerated_report():
+    from edge.llm.startup import marked_sections, replace_section
+
+    text = replace_section("# bench\n\ntable\n", "## Start-up\nrows\n")
+    text = replace_section(text, "new rows\n")  # rewritten in place, not appended twice
+    text = replace_section(text, "zoo line\n", name="zoo")
+    assert text.count("<!-- startup -->") == 1 and "new rows" in text and "\nrows" not in text
+    assert marked_sections(text) == [
+        "<!-- startup -->\nnew rows\n<!-- /startup -->\n",
+        "<!-- zoo -->\nzoo line\n<!-- /zoo -->\n",
+    ]

@@ -262,9 +262,14 @@ def replace_section(text: str, body: str, name: str = SECTION) -> str:
     return text.rstrip("\n") + "\n\n" + block
 
 
-def section(text: str, name: str = SECTION) -> str | None:
-    """The marked section of text, markers included, or None."""
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    if start in text and end in text:
-        return start + text.split(start, 1)[1].split(end, 1)[0] + end + "\n"
-    return None
+def marked_sections(text: str) -> list[str]:
+    """Every `<!-- name -->...<!-- /name -->` section of text, markers included, in order.
+
+    `llm bench --report` regenerates a report but keeps these: sections other commands wrote.
+    """
+    import re
+
+    return [
+        m.group(0) + "\n"
+        for m in re.finditer(r"<!-- ([\w-]+) -->\n.*?<!-- /\1 -->", text, flags=re.DOTALL)
+    ]

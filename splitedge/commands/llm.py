@@ -218,12 +218,12 @@ def bench(args: argparse.Namespace) -> int:
         f"--bundle {b}" for b in args.bundle
     )
     if args.report is not None:
-        from edge.llm.startup import section
+        from edge.llm.startup import marked_sections
 
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        text = render_markdown(result)
-        kept = section(args.report.read_text()) if args.report.is_file() else None
-        args.report.write_text(text if kept is None else text.rstrip("\n") + "\n\n" + kept)
+        kept = marked_sections(args.report.read_text()) if args.report.is_file() else []
+        text = "\n".join([render_markdown(result).rstrip("\n") + "\n", *kept])
+        args.report.write_text(text)
     emit(result, args.json, bench_table(result))
     return 0
 
