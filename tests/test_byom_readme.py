@@ -1,5 +1,6 @@
 """README's "Your own model" runs as written: the three files it shows are the example's
-files, and the walkthrough trains, exports, verifies, serves and acts on a user env."""
+files, and the walkthrough trains, exports, verifies, serves and acts on a user env, then
+flashes it to an emulated Pi Zero 2 W whose service runs the user's env."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.test_flash_e2e import needs_ssh
 
 EXAMPLE = ROOT / "examples" / "byom"
 FILES = ("walkthrough.sh", "train.py", "act.py")
@@ -32,8 +35,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    work = tmp_path / "my_project"  # the user's own folder, outside splitedge
+@needs_ssh
+def test_walkthrough_runs_as_written() -> None:
+    # the user's own folder, outside splitedge; short, since the emulated device's service
+    # socket lives under it and AF_UNIX paths stop at 107 bytes
+    tmp = Path(tempfile.mkdtemp(prefix="byom-", dir="/tmp"))
+    try:
+        _walkthrough(tmp / "p")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _walkthrough(work: Path) -> None:
     shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("runs", "bundles", "__pycache__"))
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -54,3 +67,6 @@ def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
     mean = re.search(r"100 decisions, mean reward (-?[\d.]+), fallbacks (\d+)", out)
     assert mean is not None, out[-2000:]
     assert int(mean.group(2)) == 0
+    # flashed: the device committed the release after its health gate and runs the user's env
+    assert "release state  committed: dot-1.0.0" in out, out[-3000:]
+    assert re.search(r"service +\S+: active, running, \d+ steps", out), out[-3000:]

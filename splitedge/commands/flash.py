@@ -212,6 +212,14 @@ def _options(args: argparse.Namespace, host: str, overrides: dict[str, Any] | No
     return o
 
 
+def _importable_here(env_packages: list[Path]) -> None:
+    """The user's env as the device will import it, for the probe frame made here: the
+    working folder (as `python -m` and export do) and every --env-package folder."""
+    for path in ["", *(str(p.resolve()) for p in env_packages if p.is_dir())]:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
 @os_errors_in_one_line
 def run(args: argparse.Namespace) -> int:
     from deploy.flash.dry_run import dry_run
@@ -221,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         if not args.json:
             print(line, file=sys.stderr, flush=True)
+
+    _importable_here(args.env_package or [])
 
     if args.fleet:
         from deploy.flash.fleet import flash_fleet, load_fleet
