@@ -16,7 +16,12 @@ from splitedge.cli import main
 from tests.conftest import ROOT
 from tests.test_edge import NO_TORCH
 
-ZOO = sorted(p for p in (ROOT / "models" / "zoo").iterdir() if (p / "manifest.json").is_file())
+ZOO = sorted(
+    p
+    for p in (ROOT / "models" / "zoo").iterdir()
+    if (p / "manifest.json").is_file()
+    and json.loads((p / "manifest.json").read_text()).get("kind") == "policy"
+)  # policy bundles; the llm one (meki-d128) is tests/test_llm_zoo.py's
 
 
 def test_zoo_has_a_bundle_per_task() -> None:
