@@ -77,7 +77,8 @@ def _start_time(pid: int) -> str | None:
 
 def _watchdog_alive(txn: dict[str, Any]) -> bool:
     w = txn.get("watchdog") or {}
-    return bool(w.get("pid")) and _start_time(int(w["pid"])) == w.get("start")
+    start = w.get("start")  # None: it was gone before its identity could be read
+    return bool(w.get("pid")) and start is not None and _start_time(int(w["pid"])) == start
 
 
 def begin(
@@ -328,10 +329,13 @@ def _detach(root: Path) -> None:
 
 def watch(root: Path, txn_id: str, deadline: float) -> None:
     """Wait for the commit; at the deadline revert, restart and check the restored release."""
+    seen = False  # started before begin() writes the transaction: wait to see it first
     while time.monotonic() < deadline:
         txn = transaction(root)
-        if not txn or txn.get("id") != txn_id or txn["state"] != "pending":
+        mine = bool(txn) and txn.get("id") == txn_id
+        if (mine and txn["state"] != "pending") or (seen and not mine):
             return  # committed, reverted by the flasher, or replaced
+        seen = seen or mine
         time.sleep(min(0.25, max(0.01, deadline - time.monotonic())))
     txn = transaction(root) or {}
     why = (
