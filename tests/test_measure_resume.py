@@ -19,9 +19,10 @@ ZOO = ROOT / "models" / "zoo" / "cartpole-ppo"
 
 
 def _argv(out: Path) -> list[str]:
-    # wifi finishes in well under a second; 3g's 300 ms round trips keep the second cell busy
+    # wifi finishes in a few seconds; 3g's 300 ms round trips keep the second cell busy for
+    # ~10 s (with 5 steps a fast machine finished it before the SIGINT arrived)
     return ["measure", "--bundle", str(ZOO), "--links", "wifi,3g", "--modes", "split",
-            "--steps", "5", "--warmup", "1", "--link-backend", "proxy", "--out", str(out),
+            "--steps", "30", "--warmup", "1", "--link-backend", "proxy", "--out", str(out),
             "--no-progress"]  # fmt: skip
 
 
