@@ -42,6 +42,18 @@ def add_ssh_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def device_transport(args: argparse.Namespace) -> Any:
+    """The ssh transport to --host that the options of add_ssh_options describe."""
+    from deploy.flash.transport import Target, Transport
+
+    return Transport(
+        Target.parse(args.host),
+        ssh_config=args.ssh_config,
+        ssh_options=args.ssh_option,
+        device_python=args.device_python,
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "flash",

@@ -32,17 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @os_errors_in_one_line
 def run(args: argparse.Namespace) -> int:
-    from deploy.flash.transport import Target, Transport
     from splitedge.errors import SplitedgeError
 
     if args.lines < 1:
         raise SplitedgeError(f"--lines {args.lines}: give 1 or more")
-    t = Transport(
-        Target.parse(args.host),
-        ssh_config=args.ssh_config,
-        ssh_options=args.ssh_option,
-        device_python=args.device_python,
-    )
+    from splitedge.commands.flash import device_transport
+
+    t = device_transport(args)
     r = t.op("logs", args.root, lines=str(args.lines), timeout_s=60)
     events = [
         f"{e['at']} {e['event']}: {e.get('from') or '-'} -> {e.get('to') or '-'}"

@@ -31,17 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @os_errors_in_one_line
 def run(args: argparse.Namespace) -> int:
-    from deploy.flash.transport import Target, Transport
     from splitedge.errors import SplitedgeError
 
     if args.keep < 0:
         raise SplitedgeError(f"--keep {args.keep}: give 0 or more releases to keep")
-    t = Transport(
-        Target.parse(args.host),
-        ssh_config=args.ssh_config,
-        ssh_options=args.ssh_option,
-        device_python=args.device_python,
-    )
+    from splitedge.commands.flash import device_transport
+
+    t = device_transport(args)
     r = t.op("prune", args.root, keep=str(args.keep), timeout_s=300)
     rows = [
         {"what": "kept", "items": ", ".join(r["kept"]) or "-"},

@@ -33,15 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 @os_errors_in_one_line
 def run(args: argparse.Namespace) -> int:
     from deploy.flash.flasher import rollback_device
-    from deploy.flash.transport import Target, Transport
+    from splitedge.commands.flash import device_transport
     from splitedge.errors import SplitedgeError
 
-    t = Transport(
-        Target.parse(args.host),
-        ssh_config=args.ssh_config,
-        ssh_options=args.ssh_option,
-        device_python=args.device_python,
-    )
+    t = device_transport(args)
     r = rollback_device(t, args.root, to=args.to)
     health = r["health"]
     rows = [

@@ -26,14 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @os_errors_in_one_line
 def run(args: argparse.Namespace) -> int:
-    from deploy.flash.transport import Target, Transport
 
-    t = Transport(
-        Target.parse(args.host),
-        ssh_config=args.ssh_config,
-        ssh_options=args.ssh_option,
-        device_python=args.device_python,
-    )
+    from splitedge.commands.flash import device_transport
+
+    t = device_transport(args)
     s = t.op("status", args.root, timeout_s=60)
     health = s.get("last_health") or {}
     service = s.get("service") or {}
