@@ -355,6 +355,10 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
                 )
     if any(p.jitter_ms for p in profiles):
         sweep.notes.append(f"jitter by {jitter_method(choice.name)}")
+    if rto := sorted({p.name for p in profiles if p.tcp_rto_min_ms}):
+        sweep.notes.append(
+            f"TCP rto_min lowered on both ends' routes (`ip route ... rto_min`) for {', '.join(rto)}"
+        )
     if store is not None:
         store.open()
         store.sweep = sweep

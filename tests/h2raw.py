@@ -8,8 +8,10 @@ server sends back. See RFC 9113 (HTTP/2) and RFC 7541 (HPACK).
 
 from __future__ import annotations
 
+import selectors
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -98,22 +100,71 @@ class Connection:
             pass
         except (ConnectionError, ssl.SSLError, OSError):
             return None
-        frames = []
-        while len(buf) >= 9:
-            n = int.from_bytes(buf[:3], "big")
-            if len(buf) < 9 + n:
-                break
-            frames.append(
-                (buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9 : 9 + n])
-            )
-            buf = buf[9 + n :]
-        return frames
+        return split_frames(buf)[0]
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+Frame = tuple[int, int, int, bytes]  # type, flags, stream, payload
+
+
+def split_frames(buf: bytes) -> tuple[list[Frame], bytes]:
+    """The whole frames at the start of buf, and the bytes of an unfinished one after them."""
+    frames = []
+    while len(buf) >= 9:
+        n = int.from_bytes(buf[:3], "big")
+        if len(buf) < 9 + n:
+            break
+        frames.append(
+            (buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9 : 9 + n])
+        )
+        buf = buf[9 + n :]
+    return frames, buf
+
+
+def watch_until_closed(
+    conns: list[Connection], opened: list[float], within_s: float
+) -> tuple[list[float | None], list[float | None]]:
+    """For each connection, how long after `opened` the server sent GOAWAY and closed it
+    (None: not within within_s). One selector watches them all, so every timestamp is taken
+    when its bytes arrive, however many connections there are."""
+    told: list[float | None] = [None] * len(conns)
+    closed: list[float | None] = [None] * len(conns)
+    pending = [b""] * len(conns)
+    sel = selectors.DefaultSelector()
+    for i, conn in enumerate(conns):
+        conn.sock.setblocking(False)
+        sel.register(conn.sock, selectors.EVENT_READ, i)
+    end = time.monotonic() + within_s
+    while sel.get_map() and (left := end - time.monotonic()) > 0:
+        for key, _ in sel.select(min(left, 1.0)):
+            i, now = key.data, time.monotonic() - opened[key.data]
+            data, eof = _drain(conns[i].sock)
+            frames, pending[i] = split_frames(pending[i] + data)
+            if told[i] is None and (eof or any(f[0] == GOAWAY for f in frames)):
+                told[i] = now
+            if eof:
+                closed[i] = now
+                sel.unregister(conns[i].sock)
+    sel.close()
+    return told, closed
+
+
+def _drain(sock: socket.socket) -> tuple[bytes, bool]:
+    """What a non-blocking socket has now, and whether the peer has closed it."""
+    data = b""
+    try:
+        while chunk := sock.recv(65_536):
+            data += chunk
+        return data, True
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return data, False
+    except (ConnectionError, ssl.SSLError, OSError):
+        return data, True
 
 
 def connect(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.link import loss
-from deploy.link.kernel import unavailable, unsupported
+from deploy.link import loss, netns
+from deploy.link.kernel import set_rto_min, unavailable, unsupported
 from deploy.link.profiles import LinkProfile
 from deploy.link.tc import netem_args
 from splitedge.cli import main
@@ -36,6 +36,27 @@ def test_loss_is_refused_where_it_cannot_be_emulated_and_netem_gets_it() -> None
     assert unsupported(lossy, "netem") == ""
     assert netem_args(1000, lossy)[3:6] == ["loss", "random", "2.5%"]
     assert "loss" not in netem_args(1000, LinkProfile("clean", 1000, 1000, 10))
+
+
+def test_rto_min_is_a_kernel_route_setting_the_proxy_cannot_apply() -> None:
+    fast = LinkProfile("fast-rto", 1000, 1000, 10, tcp_rto_min_ms=20)
+    assert "tcp_rto_min_ms 20" in unsupported(fast, "proxy")
+    assert unsupported(fast, "tbf") == "" or "tcp_rto_min_ms" not in unsupported(fast, "tbf")
+
+
+@KERNEL
+def test_rto_min_lands_on_both_veth_routes_and_is_undone() -> None:
+    pair = netns.NamespacePair(role="rto").create()
+    try:
+        set_rto_min(pair, 20)
+        for ns in (pair.edge, pair.server):
+            routes = netns.run(["ip", "-n", ns, "route"]).stdout
+            assert "rto_min lock 20ms" in routes, routes
+        set_rto_min(pair, 0)
+        for ns in (pair.edge, pair.server):
+            assert "rto_min" not in netns.run(["ip", "-n", ns, "route"]).stdout
+    finally:
+        pair.destroy()
 
 
 @KERNEL

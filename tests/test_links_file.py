@@ -45,6 +45,10 @@ def _measure(links: Path, out: Path, *extra: str) -> int:
         ("up_kbit = 1\ndown_kbit = 1\ndelay_ms = -3", "delay_ms must be finite and >= 0"),
         ("up_kbit = 1\ndown_kbit = 1\ndelay_ms = 1\nmtu = 100", "mtu must be an integer in [576"),
         ("up_kbit = 1\ndown_kbit = 1\ndelay_ms = 1\nburst_bytes = 10", "burst_bytes must be 0"),
+        (
+            "up_kbit = 1\ndown_kbit = 1\ndelay_ms = 1\ntcp_rto_min_ms = 0.5",
+            "tcp_rto_min_ms must be 0 (kernel default) or in [1, 60000]",
+        ),
         ("up_kbit = 1\ndelay_ms = 1", "lacks ['down_kbit']"),
         ("up_kbit = 1\ndown_kbit = = 1", "cannot read link profiles"),
     ],

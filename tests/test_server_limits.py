@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,11 @@ def test_held_bodies_idle_connections_and_streams_are_bounded(target: Target) ->
 
     idle = [(h2raw.connect("127.0.0.1", t.port, t.tls), time.monotonic())
             for _ in range(abuse.idle_connections)]  # fmt: skip
+    # watched from now on, so each close is timed when it happens, not when the test looks
+    watcher = ThreadPoolExecutor(2)
+    idle_watch = watcher.submit(
+        h2raw.watch_until_closed, [c for c, _ in idle], [o for _, o in idle], 10 * IDLE_S
+    )
     time.sleep(0.5)
     after_connections = rss_mb()
     held: list[tuple[h2raw.Connection, bool, float]] = []
@@ -253,6 +259,12 @@ def test_held_bodies_idle_connections_and_streams_are_bounded(target: Target) ->
             frames = conn.read_frames(T) or []
             answer = b"".join(f[3] for f in frames if f[0] == h2raw.HEADERS and f[2] == 1)
             assert b"bearer token" in answer, frames
+    held_watch = watcher.submit(
+        h2raw.watch_until_closed,
+        [c for c, w, _ in held if w],
+        [o for _, w, o in held if w],
+        10 * (IDLE_S + DEADLINE_S),
+    )
     after_bodies = rss_mb()
 
     holding = threading.Event()
@@ -271,17 +283,20 @@ def test_held_bodies_idle_connections_and_streams_are_bounded(target: Target) ->
     opener.join(60 + 10 * IDLE_S)
     assert not opener.is_alive()
 
-    told, closed = _wait_closed([c for c, _ in idle], [o for _, o in idle], 10 * IDLE_S)
-    _, held_closed = _wait_closed(
-        [c for c, w, _ in held if w], [s for _, w, s in held if w], 10 * (IDLE_S + DEADLINE_S)
-    )
+    idle_told, idle_closed = idle_watch.result()
+    _, held_closed = held_watch.result()
+    told = [float(t) for t in idle_told if t is not None]
+    closed = [float(c) for c in idle_closed if c is not None]
+    held_closed = [float(c) for c in held_closed if c is not None]
+    assert len(closed) == len(idle) and len(held_closed) == len(held) // 2, "still open"
     deadline_cut = _metric(t, "splitedge_errors_total", method="Act", code="DEADLINE_EXCEEDED")
     elapsed = time.monotonic() - t0
     good.done.set()
     good.join(T)
     rss.done.set()
     rss.join()
-    for conn, *_ in held:
+    watcher.shutdown()
+    for conn in [c for c, _ in idle] + [c for c, *_ in held]:
         conn.close()
 
     lives = [end - start for _, _, start, end in streams]
@@ -308,36 +323,11 @@ def test_held_bodies_idle_connections_and_streams_are_bounded(target: Target) ->
     assert at_once >= abuse.idle_streams
     assert codes == {("UNAVAILABLE", f"no request for {IDLE_S:g} s")}, codes
     assert len(streams) == abuse.idle_streams
-    assert min(lives) >= IDLE_S * 0.9 and min(told) >= IDLE_S * 0.9  # not before the limit
+    # not before the limit (gRPC spreads max_connection_idle by +-10% so reconnects do not align)
+    assert min(lives) >= IDLE_S * 0.9 and min(told) >= IDLE_S * 0.85
     assert min(held_closed) >= DEADLINE_S * 0.9
     assert deadline_cut >= abuse.held_bodies // 2
     assert rss.peak_mb < RSS_BOUND_MB
-
-
-def _wait_closed(
-    conns: list[h2raw.Connection], opened: list[float], within_s: float
-) -> tuple[list[float], list[float]]:
-    """How long after opening each connection the server sent GOAWAY, and closed it (waits up
-    to within_s: a client that ignores GOAWAY is cut off later)."""
-    end = time.monotonic() + within_s
-    told: dict[int, float] = {}
-    lives: dict[int, float] = {}
-    while len(lives) < len(conns) and time.monotonic() < end:
-        for i, conn in enumerate(conns):
-            if i in lives:
-                continue
-            frames = conn.read_frames(0.001)
-            now = time.monotonic() - opened[i]
-            if frames is None:
-                lives[i] = now
-                told.setdefault(i, now)
-            elif any(f[0] == h2raw.GOAWAY for f in frames):
-                told.setdefault(i, now)
-        time.sleep(0.2)
-    assert len(lives) == len(conns), f"{len(conns) - len(lives)} of {len(conns)} still open"
-    for conn in conns:
-        conn.close()
-    return list(told.values()), list(lives.values())
 
 
 def test_a_server_with_512_files_serves_again_once_a_flood_is_reaped() -> None:

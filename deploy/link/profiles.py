@@ -38,6 +38,9 @@ class LinkProfile:
     mtu: int = PACKET_BYTES  # largest IP packet on the link (the veth's MTU on kernel backends)
     up_trace: str = ""  # rate-over-time trace for the uplink (Mahimahi or CSV; link/trace.py)
     down_trace: str = ""  # up_kbit/down_kbit then default to the trace's mean (for the bound)
+    # TCP's minimum retransmission timeout on both ends' routes (`ip route ... rto_min`), ms;
+    # 0 keeps the kernel's 200 ms. A tail-cutting measure under loss (docs/results/loss.md).
+    tcp_rto_min_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -92,6 +95,13 @@ class LinkProfile:
             raise ValueError(
                 f"link {self.name!r}: burst_bytes must be 0 (strict) or hold one frame "
                 f"(>= mtu + {ETHERNET_HEADER} = {self.mtu + ETHERNET_HEADER}), got {self.burst_bytes!r}"
+            )
+        if not _is_number(self.tcp_rto_min_ms) or not (
+            self.tcp_rto_min_ms == 0 or 1 <= self.tcp_rto_min_ms <= 60_000
+        ):
+            raise ValueError(
+                f"link {self.name!r}: tcp_rto_min_ms must be 0 (kernel default) or in "
+                f"[1, 60000], got {self.tcp_rto_min_ms!r}"
             )
         if not isinstance(self.source, str):
             raise ValueError(f"link {self.name!r}: source must be a string, got {self.source!r}")
