@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="TOML file of your own link profiles, one [name] table each with up_kbit, "
-        "down_kbit, delay_ms and optionally jitter_ms, loss_pct, burst_bytes, mtu, queue_bytes "
-        "(default: deploy/links.toml)",
+        "down_kbit, delay_ms and optionally jitter_ms, loss_pct, burst_bytes, mtu, queue_bytes, "
+        "up_trace/down_trace, tcp_rto_min_ms (default: deploy/links.toml)",
     )
     p.add_argument(
         "--server",
