@@ -13,6 +13,7 @@ serialisation of the metered bytes both ways + measured encode + measured server
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections import Counter
@@ -350,7 +351,7 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
         for d, path in (("up", p.up_trace), ("down", p.down_trace)):
             if path:
                 sweep.notes.append(
-                    f"{p.name}: {d}link rate from trace {path} (mean {getattr(p, d + '_kbit'):g} "
+                    f"{p.name}: {d}link rate from trace {_shown(path)} (mean {getattr(p, d + '_kbit'):g} "
                     f"kbit/s, the bound's rate), applied by tc qdisc change, looped"
                 )
     if any(p.jitter_ms for p in profiles):
@@ -463,3 +464,9 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
         "rows": [c.row() for c in cells],
         "latencies_ms": {cell_key(c): c.latencies() for c in cells},
     }
+
+
+def _shown(path: str) -> str:
+    """A path as the user would type it: relative to the working directory when under it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
