@@ -30,7 +30,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
-# The slow end-to-end tests that CI leaves out (see the slow marker in pyproject.toml).
+# The slowest end-to-end tests, which CI leaves out (see the slow marker in pyproject.toml).
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
