@@ -7,7 +7,9 @@ unconfined. `capabilities` says which ran. The device's file system is this
 machine's: its install root is <workdir>/device/opt/splitedge, announced to
 every ssh session through sshd's SetEnv SPLITEDGE_ROOT (and the profile's
 architecture as SPLITEDGE_EMULATED_ARCH, since pre-flight would otherwise
-see this machine's).
+see this machine's). With arch="arm64" the sessions run a Debian arm64 userland
+under qemu instead (arm64.py): the install root is then /opt/splitedge inside it,
+the same host folder bound there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from deploy.emulate.arm64 import ARCHES, DEVICE_ROOT, Arm64Userland
 from deploy.flash.preflight import requirements
 from deploy.server_process import free_port
 from splitedge.errors import SplitedgeError
@@ -83,7 +87,11 @@ class EmulatedDevice:
         workdir: Path | None = None,
         isolate: bool = True,
         name: str | None = None,
+        arch: str = "native",
+        rootfs: Path | None = None,
     ):
+        if arch not in ARCHES:
+            raise SplitedgeError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHES)}")
         self.profile = requirements(profile)
         self.ident = secrets.token_hex(
             3
@@ -98,6 +106,7 @@ class EmulatedDevice:
         self._netns: str | None = None
         self._cgroup: Path | None = None
         self._owner: Path | None = None
+        self.arm64 = Arm64Userland(self.workdir, self.ident, rootfs) if arch == "arm64" else None
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -121,6 +130,12 @@ class EmulatedDevice:
         if not shutil.which("rsync"):
             raise SplitedgeError(f"flashing needs rsync; {INSTALL_HINT}")
         self._claim_workdir()
+        if self.arm64 is not None:
+            try:
+                self.arm64.prepare(say=lambda line: print(line, file=sys.stderr, flush=True))
+            except BaseException:
+                self.stop()
+                raise
         keys = self.workdir / "keys"
         keys.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -154,6 +169,8 @@ class EmulatedDevice:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True) if os.geteuid() == 0 else None
         self._write_sshd_config(keys)
         argv = [SSHD, "-D", "-e", "-f", str(self.workdir / "sshd_config")]
+        if self.arm64 is not None:
+            argv = self.arm64.wrap(argv, self.root)
         if self._netns:
             # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup limit from pre-flight
             argv = ["nsenter", f"--net=/run/netns/{self._netns}", *argv]
@@ -251,6 +268,8 @@ class EmulatedDevice:
             f"SPLITEDGE_ROOT={self.root} SPLITEDGE_EMULATED_ARCH={self.profile.arch[0]} "
             f"SPLITEDGE_EMULATED_PROFILE={self.profile.profile}"
         )
+        if self.arm64 is not None:  # a real aarch64 userland: pre-flight sees its own uname
+            env = f"SPLITEDGE_ROOT={DEVICE_ROOT} SPLITEDGE_EMULATED_PROFILE={self.profile.profile}"
         (self.workdir / "sshd_config").write_text(
             "\n".join(
                 [
@@ -268,6 +287,7 @@ class EmulatedDevice:
                     "LogLevel ERROR",
                     "Subsystem sftp internal-sftp",
                     f"SetEnv {env}",
+                    *(self.arm64.sshd_lines() if self.arm64 is not None else []),
                     "",
                 ]
             )
@@ -373,6 +393,8 @@ class EmulatedDevice:
                 self.caps.notes.append(f"cgroup {self._cgroup} left behind: {e.strerror}")
             self._cgroup = None
         self._drop_netns()
+        if self.arm64 is not None:
+            self.arm64.close()
         if self._owner is not None:
             self._owner.unlink(missing_ok=True)
             (self.workdir / "sshd.pid").unlink(missing_ok=True)
@@ -408,6 +430,7 @@ class EmulatedDevice:
             "host_address_from_device": self.host_address,
             "isolation": self.caps.describe(),
             "memory_limit_mb": self.profile.ram_mb if self.caps.cgroup else None,
+            **(self.arm64.describe() if self.arm64 is not None else {}),
         }
 
 

@@ -20,13 +20,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start a real OpenSSH sshd with a throwaway key, in its own network "
         "namespace and with the profile's RAM as a cgroup memory limit where root "
         "allows (it says which). Prints the flash command to use. Needs openssh-server "
-        "and rsync (apt-get install -y openssh-server rsync).",
+        "and rsync (apt-get install -y openssh-server rsync). With --arch arm64 every ssh "
+        "session runs a Debian bookworm arm64 userland under qemu-user-static (built once "
+        "into the splitedge cache; needs root and apt-get install -y qemu-user-static "
+        "mmdebstrap arch-test).",
     )
     e.add_argument("--profile", default="pi-zero-2w", help="device profile (default: %(default)s)")
     e.add_argument(
         "--workdir", type=Path, default=None, help="keep keys, config and the device's files here"
     )
     e.add_argument("--name", default=None, help="ssh alias (default: PROFILE-emu)")
+    e.add_argument(
+        "--arch",
+        choices=("native", "arm64"),
+        default="native",
+        help="native: this machine's userland, reporting the profile's architecture; arm64: a "
+        "real aarch64 Debian userland under qemu (default: %(default)s)",
+    )
     e.add_argument(
         "--no-isolation", action="store_true", help="plain loopback sshd: no namespace, no cgroup"
     )
@@ -48,7 +58,11 @@ def emulate(args: argparse.Namespace) -> int:
     from deploy.emulate.device import EmulatedDevice
 
     dev = EmulatedDevice(
-        args.profile, workdir=args.workdir, isolate=not args.no_isolation, name=args.name
+        args.profile,
+        workdir=args.workdir,
+        isolate=not args.no_isolation,
+        name=args.name,
+        arch=args.arch,
     )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with dev:
