@@ -123,6 +123,55 @@ def test_one_pending_release_at_a_time_and_a_dead_watchdog_reverts_at_next_conta
     assert _links(root) == ("a-1", None)
 
 
+def _boot(root: Path) -> tuple[int, dict]:
+    """What the systemd unit's ExecStartPre runs at boot: the release's own device.py."""
+    r = subprocess.run(
+        [sys.executable, "-I", str(root / "current" / "device.py"), "boot", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+    )
+    return r.returncode, json.loads(r.stdout.splitlines()[-1])
+
+
+def test_a_release_pending_across_a_reboot_reverts_before_the_service_starts(
+    root: Path,
+) -> None:
+    for rel in ("a-1", "a-2"):  # as package.stage_release writes it into every release
+        (root / "releases" / rel / "device.py").write_text(device_script())
+    assert _boot(root) == (0, {"ok": True, "reverted": False, "current": "a-1", "root": str(root)})
+    r = commit.begin(root, "a-2", deadline_s=60)
+    os.kill(r["pending"]["watchdog"]["pid"], 9)  # the power went; its watchdog with it
+    time.sleep(0.2)
+    rc, out = _boot(root)
+    assert rc == 0 and out["reverted"] and out["current"] == "a-1", out
+    txn = commit.transaction(root)
+    assert txn and txn["state"] == "reverted" and txn["by"] == "device at boot", txn
+    assert "restarted while a-2 was pending" in txn["why"]
+    assert txn["service"] == "boot: started by the service manager"  # it starts what is current
+    assert _links(root) == ("a-1", None)
+    assert not (root / "run" / "supervisor.pid").exists(), "nothing was started by the script"
+
+
+def test_a_first_flash_pending_across_a_reboot_leaves_nothing_to_start(root: Path) -> None:
+    (root / "current").unlink()  # a device never flashed before
+    r = commit.begin(root, "a-1", deadline_s=60)
+    os.kill(r["pending"]["watchdog"]["pid"], 9)
+    time.sleep(0.2)
+    script = root / "device.py"  # the pending release's script, run from beside it
+    script.write_text(device_script())
+    p = subprocess.run(
+        [sys.executable, "-I", str(script), "boot", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert p.returncode == 1 and out["reverted"] and out["current"] is None, out  # unit stops
+    assert _links(root) == (None, None)
+
+
 def test_rollback_by_hand_reverts_a_pending_release_or_goes_to_any_version(root: Path) -> None:
     r = commit.begin(root, "a-2", deadline_s=60)
     assert commit.rollback(root)["current"] == "a-1"

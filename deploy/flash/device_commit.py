@@ -182,7 +182,11 @@ def revert(root: Path, txn_id: str, why: str, by: str = "flasher") -> dict[str, 
     }
 
 
-def _revert_locked(root: Path, txn: dict[str, Any], why: str, by: str) -> None:
+def _revert_locked(
+    root: Path, txn: dict[str, Any], why: str, by: str, at_boot: bool = False
+) -> None:
+    """Links, settings and service back as they were before txn. At boot the service manager is
+    starting the service itself (this runs before it), so only the links and settings move."""
     before = txn["from"]
     if "config" in txn:  # the device settings as they were
         if txn["config_before"] is None:
@@ -191,9 +195,9 @@ def _revert_locked(root: Path, txn: dict[str, Any], why: str, by: str) -> None:
             write_json(_config_path(root), txn["config_before"])
     if before and (root / "releases" / before).is_dir():
         point(root, before, txn["previous_before"])
-        service = restart_service(root)
+        service = "boot: started by the service manager" if at_boot else restart_service(root)
     else:  # a first flash (or its predecessor vanished): nothing to go back to but nothing
-        service = stop_service(root)
+        service = "boot: nothing to start" if at_boot else stop_service(root)
         point(root, None, txn["previous_before"])
     txn.update(
         state="reverted",
@@ -218,6 +222,26 @@ def _settle(root: Path) -> None:
             "reverted at the next contact",
             "device",
         )
+
+
+def settle_at_boot(root: Path) -> dict[str, Any]:
+    """Before the service starts at boot (the unit's ExecStartPre): a release still pending lost
+    its watchdog with the restart, so the previous release goes back before anything unchecked
+    runs; the service manager then starts whatever is current. ok is False when nothing is left
+    to start (a first flash was pending), so the unit does not start."""
+    with _locked(root):
+        txn = transaction(root)
+        if not (txn and txn["state"] == "pending" and not _watchdog_alive(txn)):
+            return {"ok": True, "reverted": False, "current": link_name(root / "current")}
+        _revert_locked(
+            root,
+            txn,
+            f"the device restarted while {txn['release']} was pending; reverted at boot",
+            "device at boot",
+            at_boot=True,
+        )
+    current = link_name(root / "current")
+    return {"ok": current is not None, "reverted": True, "current": current, "transaction": txn}
 
 
 def settle(root: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from deploy.flash.env_package import sha256
 from deploy.flash.probe import write_probe
+from deploy.flash.transport import device_script
 from splitedge import __version__
 from splitedge.bundle import SIGNATURE, Bundle
 from splitedge.errors import SplitedgeError
@@ -135,6 +136,8 @@ def stage_release(
             json.dumps(service_config(root, server, source, sink, extra), indent=2)
         )
         (out / "splitedge.service").write_text(render_unit(root))
+        # the device script, kept with the release for the unit's boot-time check
+        (out / "device.py").write_text(device_script())
     info = {
         "kind": bundle.kind,
         "bundle": bundle.name,

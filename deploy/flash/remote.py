@@ -397,6 +397,9 @@ def status(root: Path) -> dict[str, Any]:
     return {
         "ok": True,
         "root": str(root),
+        "machine": platform.machine(),  # the device's own `uname -m` (aarch64 on a Pi)
+        "arch": os.environ.get("SPLITEDGE_EMULATED_ARCH") or platform.machine(),  # as facts()
+        "python": platform.python_version(),
         "current": link_name(root / "current"),
         "previous": link_name(root / "previous"),
         "releases": manage.releases(root),
@@ -431,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "releases",
             "prune",
             "logs",
+            "boot",
         ),
     )
     p.add_argument("--root", default=None)
@@ -473,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             "releases": lambda: {"ok": True, "releases": manage.releases(root)},
             "prune": lambda: manage.prune(root, a.keep),
             "logs": lambda: manage.logs(root, a.lines),
+            "boot": lambda: commit.settle_at_boot(root),
         }
         out = ops[a.op]()
     except (Refused, OSError) as e:
@@ -480,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out.setdefault("root", str(root))
     print(json.dumps(out))
-    return 0
+    return 1 if a.op == "boot" and not out["ok"] else 0  # boot: the unit must not start
 
 
 if __name__ == "__main__":
