@@ -1,0 +1,171 @@
+"""The real-time loop against a scripted client on a fake clock: exact action ages.
+
+Reply delays are whole ticks of 0.25 s (exact in binary floating point), so every arrival
+lands on a tick's due time and the expected ages below are worked out by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+import pytest
+
+from edge.realtime import Reply, Sent, age_summary, declared_rate_hz, nearest_rank, run_realtime
+
+T = 0.25
+DEFAULT = -1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+
+class ScriptedPolicy:
+    """Answers each observation with the observation itself (the tick it was taken at),
+    `delays[i]` ticks after the i-th send (None: the reply is lost)."""
+
+    default_action = DEFAULT
+
+    def __init__(self, clock: FakeClock, delays: list[int | None]):
+        self.clock, self.delays = clock, list(delays)
+        self.in_flight: list[tuple[float, int, Any]] = []  # (arrival, step, action)
+        self.step = 0
+
+    def send(self, frame: Any) -> Sent:
+        self.step += 1
+        delay = self.delays.pop(0)
+        if delay is not None:
+            self.in_flight.append((self.clock.now() + delay * T, self.step, frame))
+        return Sent(self.step, encode_ms=0.5, bytes_up=100)
+
+    def poll(self) -> list[Reply]:
+        now = self.clock.now()
+        due = sorted((r for r in self.in_flight if r[0] <= now), key=lambda r: r[0])
+        self.in_flight = [r for r in self.in_flight if r[0] > now]
+        return [Reply(step, action, arrived, bytes_down=20) for arrived, step, action in due]
+
+
+class TickEnv(gymnasium.Env):  # type: ignore[type-arg]
+    """Observation: the number of ticks so far (across episodes); reward 1 a step."""
+
+    observation_space = gymnasium.spaces.Discrete(1000)
+    action_space = gymnasium.spaces.Discrete(1000, start=-1)
+
+    def __init__(self, episode_len: int = 1000):
+        self.episode_len, self.ticks, self.in_episode = episode_len, 0, 0
+        self.applied: list[int] = []
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        self.in_episode = 0
+        return self.ticks, {}
+
+    def step(self, action: Any) -> Any:
+        self.applied.append(action)
+        self.ticks += 1
+        self.in_episode += 1
+        return self.ticks, 1.0, self.in_episode >= self.episode_len, False, {}
+
+
+def _run(delays: list[int | None], ticks: int, env: TickEnv | None = None, **kw: Any):
+    clock = FakeClock()
+    env = env or TickEnv()
+    result = run_realtime(ScriptedPolicy(clock, delays), env, T, ticks, clock=clock, **kw)
+    return result, env
+
+
+def test_constant_delay_gives_that_age_after_default_ticks() -> None:
+    result, env = _run([2] * 10, 10, drain_s=0.0)
+    assert result.ages == [None, None] + [2] * 8
+    assert env.applied == [DEFAULT, DEFAULT, *range(8)]
+    s = age_summary(result.ages)
+    assert (s["age_p50"], s["age_p95"], s["age_max"]) == (2, 2, 2)
+    assert s["age_hist"] == {"2": 8} and s["default_ticks"] == 2
+    assert s["stale_share"] == 1.0
+    # the last two requests were still in flight and the loop did not wait for them
+    answered = [r for r in result.records if not r.fallback]
+    assert [r.total_ms for r in answered] == pytest.approx([500.0] * 8)
+    assert sum(r.fallback for r in result.records) == 2
+    assert result.overruns == 0 and result.unsent == 0
+
+
+def test_jittered_out_of_order_and_lost_replies() -> None:
+    delays = [0, 3, 1, 1, 4, 0, 2, None, 1, 0]
+    # by hand, arrival ticks: r0@0 r1@4 r2@3 r3@4 r4@8 r5@5 r6@8 (r7 lost) r8@9 r9@9;
+    # the newest observation answered so far at each tick: 0 0 0 2 3 5 5 5 6 9
+    # (r1 at tick 4 and r4 at tick 8 arrive after newer answers: not applied)
+    result, env = _run(delays, 10, drain_s=1.0)
+    assert env.applied == [0, 0, 0, 2, 3, 5, 5, 5, 6, 9]
+    assert result.ages == [0, 1, 2, 1, 1, 0, 1, 2, 2, 0]
+    s = age_summary(result.ages)
+    assert s["age_hist"] == {"0": 3, "1": 4, "2": 3}
+    assert s["stale_share"] == pytest.approx(7 / 10)
+    ref = np.asarray(result.ages)  # independent reference: numpy's inverted-CDF percentile
+    assert s["age_p50"] == np.percentile(ref, 50, method="inverted_cdf") == 1
+    assert s["age_p95"] == np.percentile(ref, 95, method="inverted_cdf") == 2
+    latency = {r.step: r.total_ms for r in result.records if not r.fallback}
+    expected = {i + 1: 1e3 * T * d for i, d in enumerate(delays) if d is not None}
+    assert latency == pytest.approx(expected)
+    (lost,) = [r for r in result.records if r.fallback]
+    assert lost.step == 8 and "no reply" in lost.error  # the 8th request, r7
+
+
+def test_in_flight_cap_skips_sends_instead_of_queueing() -> None:
+    # delay 3, at most 2 outstanding; replies are taken before sending, so a slot freed this
+    # tick is used this tick. Sent at 0, 1; full at 2; 3 and 4 send (r0, r1 back); full at 5;
+    # 6, 7 send; full at 8; 9 sends.
+    result, env = _run([3] * 10, 10, max_in_flight=2)
+    assert result.unsent == 3
+    assert env.applied == [DEFAULT] * 3 + [0, 1, 1, 3, 4, 4, 6]
+    assert result.ages == [None, None, None, 3, 3, 4, 3, 3, 4, 3]
+
+
+def test_new_episode_drops_the_held_action_and_old_replies() -> None:
+    result, env = _run([1] * 8, 8, env=TickEnv(episode_len=4))
+    # tick 4 starts episode 2: the reply to tick 3's observation (episode 1) is not applied
+    assert env.applied == [DEFAULT, 0, 1, 2, DEFAULT, 4, 5, 6]
+    assert result.ages == [None, 1, 1, 1, None, 1, 1, 1]
+    assert result.episode_returns == [4.0, 4.0] and result.partial_return == 0.0
+
+
+def test_zero_delay_is_age_zero_and_nothing_stale() -> None:
+    result, env = _run([0] * 5, 5)
+    assert result.ages == [0] * 5 and env.applied == [0, 1, 2, 3, 4]
+    assert age_summary(result.ages)["stale_share"] == 0.0
+
+
+def test_overrun_ticks_are_counted() -> None:
+    clock = FakeClock()
+
+    class SlowEnv(TickEnv):
+        def step(self, action: Any) -> Any:
+            if self.ticks == 2:
+                clock.t += 2.5 * T  # one step that takes 2.5 periods: ticks 3 and 4 start late
+            return super().step(action)
+
+    env = SlowEnv()
+    result = run_realtime(ScriptedPolicy(clock, [0] * 8), env, T, 8, clock=clock)
+    # tick 3 is due at 0.75 s and starts at 0.5 + 0.625 = 1.125 (late by 1.5 periods);
+    # tick 4 due 1.0: late by 0.5, under a period; the rest are on time
+    assert result.overruns == 1
+
+
+def test_nearest_rank_and_declared_rates() -> None:
+    assert nearest_rank([5, 1, 3, 2, 4], 50) == 3
+    assert nearest_rank([1, 2, 3, 4], 50) == 2 and nearest_rank([1, 2, 3, 4], 51) == 3
+    assert nearest_rank([7], 95) == 7
+    from edge.envs import make_env
+
+    # gymnasium's documented step lengths: CartPole tau = 0.02 s, Pendulum dt = 0.05 s
+    assert declared_rate_hz(make_env("cartpole-pixels")) == pytest.approx(50.0)
+    assert declared_rate_hz(make_env("pendulum-pixels")) == pytest.approx(20.0)
+    assert declared_rate_hz(make_env("reacher-pixels")) is None
+    with pytest.raises(ValueError, match="period_s > 0"):
+        run_realtime(ScriptedPolicy(FakeClock(), []), TickEnv(), 0.0, 3)
