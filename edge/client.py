@@ -32,6 +32,7 @@ import numpy as np
 
 from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
+from edge.realtime import Reply, Sent
 from edge.tls_check import diagnose
 from edge.wire import DTYPES, encode_frame, features_tensor, from_tensor
 from protos import policy_pb2 as pb
@@ -145,6 +146,7 @@ class _Stream:
         self._reply: pb.ActReply | None = None
         self.ended: BaseException | None = None
         self.late_replies = 0
+        self.sink: queue.Queue[tuple[pb.ActReply, float]] | None = None  # set by send()
         self._on_end = on_end
         self._call = stub.ActStream(iter(self._requests.get, None))
         threading.Thread(target=self._read, name="act-stream", daemon=True).start()
@@ -157,6 +159,8 @@ class _Stream:
                     if reply.step == self._awaiting:
                         self._reply = reply
                         self._cond.notify_all()
+                    elif self.sink is not None:  # send() without waiting: poll() takes it
+                        self.sink.put((reply, time.perf_counter()))
                     else:
                         self.late_replies += 1
             error = ConnectionError("stream closed by server")
@@ -186,6 +190,14 @@ class _Stream:
                 raise _Down(_describe(self.ended))  # type: ignore[arg-type]
             return reply
 
+    def send(self, request: pb.ActRequest, sink: queue.Queue[tuple[pb.ActReply, float]]) -> None:
+        """Send a request without waiting; its reply goes to `sink` with its arrival time."""
+        with self._cond:
+            if self.ended is not None:
+                raise _Down(_describe(self.ended))
+            self.sink = sink
+        self._requests.put(request)
+
     def close(self) -> None:
         self._requests.put(None)
         self._call.cancel()
@@ -198,6 +210,7 @@ class PolicyClient:
     Counters: `fallbacks` (decisions that got the fallback action), `reconnects` (background
     reconnects that succeeded), `late_replies` (replies dropped for arriving after their
     decision's deadline); `last` is the latest Decision. One thread at a time may call act().
+    A real-time loop (edge/realtime.py) uses send() and poll() instead: nothing waits.
     """
 
     bundle: Bundle
@@ -226,6 +239,7 @@ class PolicyClient:
             self.encoder, self.encoder_reason = make_encoder(self.bundle, self.config.backend)
         self._last_action = self._initial_action()
         self._cond = threading.Condition()
+        self._replies: queue.Queue[tuple[pb.ActReply, float]] = queue.Queue()  # for poll()
         self._reconnector: threading.Thread | None = None
         self._late_before = 0  # late replies of streams already closed
 
@@ -444,6 +458,45 @@ class PolicyClient:
         self.last = d
         return d.action
 
+    # -- acting without waiting (edge/realtime.py) --------------------------------------------
+    @property
+    def default_action(self) -> Any:
+        """The action before any reply: 0 (or the integer `fallback`); for continuous actions
+        that value in every component, clipped into the action space's bounds."""
+        return self._initial_action()
+
+    def send(self, frame: np.ndarray) -> Sent | None:
+        """Encode a frame and send it on the stream without waiting (rpc='stream' only); its
+        reply comes from poll(). None when not connected (nothing sent; a reconnect starts).
+        Use either act() or send()/poll() on one client, not both."""
+        if self.config.rpc != "stream":
+            raise SplitedgeError("send() needs rpc='stream'; the real-time loop cannot use unary")
+        t0 = time.perf_counter()
+        tensor = self._encode(frame)
+        encode_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            _, stream, session = self._wait_connected(time.perf_counter())  # never waits
+            assert stream is not None
+            self._step += 1
+            request = pb.ActRequest(step=self._step, session_id=session, input=tensor)
+            stream.send(request, self._replies)
+        except _Down:
+            return None
+        return Sent(request.step, encode_ms, request.ByteSize() + GRPC_PREFIX)
+
+    def poll(self) -> list[Reply]:
+        """Replies to send() that arrived since the last poll, in arrival order; never waits."""
+        out: list[Reply] = []
+        while True:
+            try:
+                reply, arrived = self._replies.get_nowait()
+            except queue.Empty:
+                return out
+            action = self._decode_action(reply.action)
+            queue_ms, compute_ms = reply.queue_us / 1e3, reply.compute_us / 1e3
+            size = reply.ByteSize() + GRPC_PREFIX
+            out.append(Reply(reply.step, action, arrived, queue_ms, compute_ms, size))
+
     def _encode(self, frame: np.ndarray) -> pb.Tensor:
         if self.config.mode == "split":
             assert self.encoder is not None
@@ -492,8 +545,8 @@ def options_reference() -> str:
         "Generated from the docstrings of `edge/client.py` and `edge/channel.py` by "
         "`python -m edge.client > docs/client.md`; do not edit by hand.\n",
     ]
-    for obj in (connect, PolicyClient.connect, PolicyClient.act, PolicyClient, ClientConfig,
-                ChannelSecurity):  # fmt: skip
+    for obj in (connect, PolicyClient.connect, PolicyClient.act, PolicyClient.send,
+                PolicyClient.poll, PolicyClient, ClientConfig, ChannelSecurity):  # fmt: skip
         parts.append(
             f"## `{obj.__qualname__}{_signature(obj)}`\n\n```text\n{inspect.getdoc(obj)}\n```\n"
         )

@@ -5,13 +5,25 @@ lands on a tick's due time and the expected ages below are worked out by hand.""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from concurrent import futures
 from typing import Any
 
+import grpc
 import gymnasium
 import numpy as np
 import pytest
 
+from edge.client import ClientConfig, PolicyClient
 from edge.realtime import Reply, Sent, age_summary, declared_rate_hz, nearest_rank, run_realtime
+from edge.wire import to_tensor
+from protos import policy_pb2 as pb
+from protos import policy_pb2_grpc as pb_grpc
+from splitedge.bundle import load_bundle
+from splitedge.errors import SplitedgeError
+from tests.conftest import ZOO_BUNDLE as ZOO
 
 T = 0.25
 DEFAULT = -1
@@ -169,3 +181,71 @@ def test_nearest_rank_and_declared_rates() -> None:
     assert declared_rate_hz(make_env("reacher-pixels")) is None
     with pytest.raises(ValueError, match="period_s > 0"):
         run_realtime(ScriptedPolicy(FakeClock(), []), TickEnv(), 0.0, 3)
+
+
+class HeldPolicy(pb_grpc.PolicyServicer):
+    """Answers step s with action s % 2 at once, except step 1, held until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Hello(self, request, context):  # noqa: N802 (gRPC method names)
+        return pb.HelloReply(session_id=3, bundle_name=request.bundle_name)
+
+    def ActStream(self, request_iterator, context):  # noqa: N802
+        out: queue.Queue[pb.ActReply | None] = queue.Queue()
+
+        def answer(step: int) -> None:
+            if step == 1:
+                self.release.wait(30)
+            out.put(pb.ActReply(step=step, action=to_tensor(np.array([step % 2], np.int64))))
+
+        def read() -> None:
+            try:
+                for r in request_iterator:
+                    threading.Thread(target=answer, args=(r.step,), daemon=True).start()
+            except grpc.RpcError:
+                pass
+            out.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while (reply := out.get()) is not None:
+            yield reply
+
+
+def _poll_until(client: PolicyClient, count: int) -> list[Reply]:
+    got: list[Reply] = []
+    end = time.monotonic() + 30  # a bound for a broken test, not a measurement
+    while len(got) < count and time.monotonic() < end:
+        got += client.poll()
+        time.sleep(0.01)
+    return got
+
+
+def test_policy_client_sends_without_waiting_and_matches_replies_by_step() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    servicer = HeldPolicy()
+    pb_grpc.add_PolicyServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    cfg = ClientConfig(server=f"127.0.0.1:{port}", backend="ort")
+    frame = np.zeros((3, 48, 48), np.uint8)
+    try:
+        with PolicyClient(load_bundle(ZOO), cfg).connect() as client:
+            assert client.default_action == 0
+            first, second = client.send(frame), client.send(frame)  # the first is held back
+            assert first is not None and second is not None
+            assert (first.step, second.step) == (1, 2) and first.bytes_up > 64
+            (reply,) = _poll_until(client, 1)
+            assert (reply.step, reply.action) == (2, 0)  # overtook the held one
+            servicer.release.set()
+            (late,) = _poll_until(client, 1)
+            assert (late.step, late.action) == (1, 1) and late.arrived >= reply.arrived
+            assert client.late_replies == 0 and client.fallbacks == 0
+        unary = PolicyClient(load_bundle(ZOO), ClientConfig(server=cfg.server, rpc="unary"))
+        with pytest.raises(SplitedgeError, match="needs rpc='stream'"):
+            unary.send(frame)
+        unary.close()
+    finally:
+        servicer.release.set()
+        server.stop(0)
