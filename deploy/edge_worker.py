@@ -4,7 +4,8 @@ Reads one JSON job line on stdin, enters the edge network namespace if the job n
 (before any socket exists), connects and warms up, prints {"event": "ready"}, waits for a
 `go` line, runs the closed loop (a number of steps, or for duration_s seconds), and prints
 {"event": "done", "records": [...]}. One JSON object per line on stdout; {"event": "step"}
-after each timed step. With sysmon_s > 0 it samples its own CPU, RSS and the device's
+after each timed step. With loop "realtime" the env ticks at control_hz and never waits
+for a reply (edge.realtime); its ages and returns come back in extra["realtime"]. With sysmon_s > 0 it samples its own CPU, RSS and the device's
 temperatures and throttling (edge.sysmon) while it runs.
 """
 
@@ -86,10 +87,20 @@ def _run(job: dict[str, Any]) -> int:
                      on_record=window, keep_records=False, until=t0 + job["duration_s"])  # fmt: skip
             seconds = time.perf_counter() - t0
             extra["windows"] = acc.finish(seconds)
+        elif job.get("loop") == "realtime":
+            from edge.realtime import run_realtime
+
+            rt = run_realtime(client, env, 1.0 / job["control_hz"], job["steps"], seed=seed,
+                              drain_s=job.get("deadline_s", 10.0), on_tick=step)  # fmt: skip
+            records, seconds = rt.records, time.perf_counter() - t0
+            extra["realtime"], extra["t_s"] = rt.as_dict(), stamps
         else:
-            records = run_loop(client, job["steps"], seed=seed, env=env, on_step=step).records
-            seconds = time.perf_counter() - t0
+            result = run_loop(client, job["steps"], seed=seed, env=env, on_step=step)
+            records, seconds = result.records, time.perf_counter() - t0
             extra["t_s"] = stamps
+            extra["episode_returns"] = result.episode_returns
+            # the episode still running when the loop stopped: all reward not in a finished one
+            extra["partial_return"] = sum(r.reward for r in records) - sum(result.episode_returns)
         if sampler is not None:
             sampler.stop()
             extra["sysmon"] = [s.as_dict() for s in sampler.samples]

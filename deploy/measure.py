@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy import remote
+from deploy import realtime_report, remote
 from deploy.cell_store import CellStore
 from deploy.clients import ClientGroup
 from deploy.link import netns
@@ -44,6 +44,7 @@ from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
 
 MAX_CLIENTS = 256
+LOOPS = ("sync", "realtime", "both")
 
 
 def steps_per_client(steps: int, clients: int) -> int:
@@ -73,8 +74,19 @@ class MeasureConfig:
     server: str | None = None  # HOST:PORT of a running server: measured as it is, no emulation
     server_up_kbit: float | None = None  # the user's link rates to it, for the bound
     server_down_kbit: float | None = None
+    loop: str = "sync"  # sync: the env waits for each action; realtime: it never does; both
+    control_hz: float | None = None  # real-time tick rate; None: the env's declared rate
 
     def __post_init__(self) -> None:
+        if self.loop not in LOOPS:
+            raise SplitedgeError(f"--loop {self.loop!r} is not one of {', '.join(LOOPS)}")
+        if self.control_hz is not None and not self.control_hz > 0:
+            raise SplitedgeError(f"--control-hz must be > 0, got {self.control_hz}")
+        if self.loop != "sync" and self.rpc != "stream":
+            raise SplitedgeError(
+                f"--loop {self.loop} sends without waiting, which needs --rpc stream "
+                f"(got {self.rpc}); drop --rpc unary"
+            )
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise SplitedgeError(
@@ -95,6 +107,10 @@ class MeasureConfig:
             raise SplitedgeError(
                 f"--scale-links {', '.join(sorted(unknown))} not among --links {', '.join(self.links)}"
             )
+
+    def loops(self) -> list[str]:
+        """The loops each (link, mode, clients) cell runs, in order."""
+        return ["sync", "realtime"] if self.loop == "both" else [self.loop]
 
     def clients_for(self, link: str) -> list[int]:
         """Concurrency levels measured on this link."""
@@ -126,6 +142,10 @@ class Cell:
     loss_down_pct: float = 0.0
     rate_changes: int = 0  # rate-trace steps applied to the shaper during this cell
     retrans: int = 0  # TCP segments retransmitted across the link in this cell (kernel paths)
+    loop: str = "sync"
+    episode_return: float = float("nan")  # mean finished return; the running one's if none
+    episodes: int = 0  # episodes finished
+    realtime: dict[str, Any] = field(default_factory=dict)  # realtime_report.summarise()
 
     def latencies(self) -> list[float]:
         """Per-step decision latency of the steps that did not fall back."""
@@ -133,6 +153,14 @@ class Cell:
 
     def row(self) -> dict[str, Any]:
         s = self.summary
+        if self.loop == "realtime":
+            return {
+                "link": self.link, "mode": self.mode, "clients": self.clients, "loop": self.loop,
+                "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"], "p99_ms": s["p99_ms"],
+                "bound_ms": self.bound_ms, **self.realtime, "unanswered": s["fallbacks"],
+                "requests": s["steps"], "up_B": self.link_up, "down_B": self.link_down,
+                "msg_up_B": s["bytes_up"], "encode_ms": s["encode_ms"],
+            }  # fmt: skip
         return {
             "link": self.link,
             "mode": self.mode,
@@ -160,6 +188,9 @@ class Cell:
             "loss_down_pct": self.loss_down_pct,
             "rate_changes": self.rate_changes,
             "retrans": self.retrans,
+            "loop": self.loop,
+            "episode_return": self.episode_return,
+            "episodes": self.episodes,
         }
 
 
@@ -171,6 +202,7 @@ class Sweep:
     backend: BackendChoice
     notes: list[str] = field(default_factory=list)
     env: str = ""  # the env the edge clients ran
+    control_hz: float | None = None  # the real-time loop's rate (None: sync only)
     profiles: dict[str, Any] = field(default_factory=dict)  # name -> the profile measured
 
 
@@ -196,14 +228,17 @@ def measure_cell(
     cfg: MeasureConfig,
     on_step: Callable[[int], None] | None = None,
     idle_cpu: float = 0.0,
+    loop: str = "sync",
+    control_hz: float | None = None,
 ) -> Cell:
-    """Run one cell: `clients` edge processes through `link`, released together."""
+    """Run one cell: `clients` edge processes through `link`, released together; in real
+    time (loop="realtime") each ticks at control_hz and `steps` counts ticks."""
     steps = steps_per_client(cfg.steps, clients)
     job = {
         "bundle": str(cfg.bundle), "server": link.address, "mode": mode,
         "backend": cfg.backend, "rpc": cfg.rpc, "deadline_s": cfg.deadline_s,
         "warmup": cfg.warmup, "steps": steps, "seed": cfg.seed, "netns": link.netns,
-        "env": cfg.env, "env_kwargs": cfg.env_kwargs,
+        "env": cfg.env, "env_kwargs": cfg.env_kwargs, "loop": loop, "control_hz": control_hz,
     }  # fmt: skip
     with ClientGroup(clients, job) as group:
         before, cpu0 = link.stats(), server.cpu_seconds()
@@ -237,13 +272,27 @@ def measure_cell(
         + summary["encode_ms"]
         + summary["server_compute_ms"]
     )
+    extras = [r.extra for r in results]
+    rt: dict[str, Any] = {}
+    if loop == "realtime":
+        rt = {
+            "control_hz": control_hz,
+            **realtime_report.summarise([e["realtime"] for e in extras]),
+        }
+        returns = (rt["episode_return"], rt["episodes"])
+    else:
+        finished = [x for e in extras for x in e.get("episode_returns", [])]
+        returns = realtime_report.episode_return(
+            finished, [e.get("partial_return", 0.0) for e in extras]
+        )
     return Cell(
         profile.name, mode, clients, summary, per["link_up"], per["link_down"],
         per["bytes_up"], per["bytes_down"], bound, records, results[0].encoder,
         bound_up=per["bound_up"], bound_down=per["bound_down"], decisions_s=n / seconds,
         server_cpu_ms=1e3 * (cpu1 - cpu0 - idle_cpu * seconds) / n,
         loss_up_pct=lost.get("up", 0.0), loss_down_pct=lost.get("down", 0.0),
-        rate_changes=changes, retrans=retrans,
+        rate_changes=changes, retrans=retrans, loop=loop, episode_return=returns[0],
+        episodes=returns[1], realtime=rt,
     )  # fmt: skip
 
 
@@ -260,11 +309,35 @@ def check_links(cfg: MeasureConfig) -> list[LinkProfile]:
 def check_env(bundle: Path, env: str | None, env_kwargs: dict[str, Any] | None) -> str:
     """Make the env the edge clients will run once, here, so a wrong one (unimportable, wrong
     observation shape) is one line before any process starts; returns its name."""
+    return _checked_env(bundle, env, env_kwargs)[0]
+
+
+def _checked_env(
+    bundle: Path, env: str | None, env_kwargs: dict[str, Any] | None
+) -> tuple[str, float | None]:
+    """check_env's name, and the control rate the env declares (edge.realtime), if any."""
     from edge.envs import make_policy_env, policy_env_spec
+    from edge.realtime import declared_rate_hz
 
     policy = load_bundle(bundle).policy
-    make_policy_env(policy, env, env_kwargs, seed=0).close()
-    return policy_env_spec(policy, env, env_kwargs)[0]
+    made = make_policy_env(policy, env, env_kwargs, seed=0)
+    rate = declared_rate_hz(made)
+    made.close()
+    return policy_env_spec(policy, env, env_kwargs)[0], rate
+
+
+def control_rate(cfg: MeasureConfig, env: str, declared: float | None) -> tuple[float | None, str]:
+    """The real-time loop's rate and where it came from; None for a sync-only sweep."""
+    if cfg.loop == "sync":
+        return None, ""
+    if cfg.control_hz is not None:
+        return cfg.control_hz, "--control-hz"
+    if declared is None:
+        raise SplitedgeError(
+            f"env {env!r} declares no control rate (no dt or tau on the env); "
+            "pass --control-hz HZ for the real-time loop"
+        )
+    return declared, "the env's own step length"
 
 
 def _split_message_bytes(bundle_path: Path) -> int:
@@ -329,7 +402,8 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
 
     With a store, --out is checked writable before anything starts, each finished cell is
     written as it completes, and cells a previous run of the same sweep finished are reused."""
-    env = check_env(cfg.bundle, cfg.env, cfg.env_kwargs)
+    env, declared = _checked_env(cfg.bundle, cfg.env, cfg.env_kwargs)
+    hz, hz_from = control_rate(cfg, env, declared)
     if cfg.server:
         remote.split_address(cfg.server)
         remote.check_server(cfg.bundle, cfg.server, "split")
@@ -344,7 +418,11 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
     lacking = [why for p in profiles if (why := unsupported(p, choice.name))]
     if lacking:
         raise SplitedgeError("; ".join(lacking))
-    sweep = Sweep([], choice, env=env, profiles={p.name: asdict(p) for p in profiles})
+    sweep = Sweep(
+        [], choice, env=env, profiles={p.name: asdict(p) for p in profiles}, control_hz=hz
+    )
+    if hz is not None:
+        sweep.notes.append(f"real-time loop at {hz:g} Hz ({hz_from})")
     if any(p.loss_pct for p in profiles):
         sweep.notes.append(f"packet loss by {loss_method(choice.name)}")
     for p in profiles:
@@ -364,16 +442,20 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
         store.open()
         store.sweep = sweep
     manifest = load_bundle(cfg.bundle).manifest
-    plan = []  # (profile, mode, clients, key, fingerprint) of the cells still to measure
+    plan = []  # (profile, mode, clients, loop, key, fingerprint) of the cells still to measure
     for p in profiles:
         for mode in cfg.modes:
             for n in cfg.clients_for(p.name):
-                key, fp = f"{p.name}/{mode}/x{n}", cell_fingerprint(cfg, manifest, choice.name, p)
-                old = store.lookup(key, fp) if store is not None else None
-                if old is not None:
-                    sweep.cells.append(old)
-                else:
-                    plan.append((p, mode, n, key, fp))
+                for loop in cfg.loops():
+                    key = f"{p.name}/{mode}/x{n}" + ("/realtime" if loop == "realtime" else "")
+                    fp = cell_fingerprint(cfg, manifest, choice.name, p)
+                    if loop == "realtime":
+                        fp = {**fp, "loop": loop, "control_hz": hz}
+                    old = store.lookup(key, fp) if store is not None else None
+                    if old is not None:
+                        sweep.cells.append(old)
+                    else:
+                        plan.append((p, mode, n, loop, key, fp))
     if store is not None and store.resumed:
         sweep.notes.append(
             f"resumed {store.resumed} cell(s) finished earlier from {store.path}; "
@@ -381,7 +463,7 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
         )
     if not plan:
         return sweep
-    total = sum(n * steps_per_client(cfg.steps, n) for _, _, n, _, _ in plan)
+    total = sum(n * steps_per_client(cfg.steps, n) for _, _, n, *_ in plan)
     bar = _progress(total, progress)
     try:
         root = load_bundle(cfg.bundle).root
@@ -397,18 +479,19 @@ def measure(cfg: MeasureConfig, progress: bool = True, store: CellStore | None =
                 )
             for profile in dict.fromkeys(p for p, *_ in plan):
                 with open_link(choice.name, profile, (host, int(port)), pair, cfg.seed) as link:
-                    for _, mode, n, key, fp in (c for c in plan if c[0] == profile):
-                        bar.set_description(f"{profile.name}/{mode}/x{n}")
+                    for _, mode, n, loop, key, fp in (c for c in plan if c[0] == profile):
+                        bar.set_description(key)
                         cell = measure_cell(
-                            server, link, profile, mode, n, cfg, lambda _: bar.update(1), idle
-                        )
+                            server, link, profile, mode, n, cfg, lambda _: bar.update(1), idle,
+                            loop, hz,
+                        )  # fmt: skip
                         sweep.cells.append(cell)
                         if store is not None:
                             store.add(key, fp, cell)
     finally:
         bar.close()
-    order = {(c.link, c.mode, c.clients): i for i, c in enumerate(_planned(cfg, profiles))}
-    sweep.cells.sort(key=lambda c: order[(c.link, c.mode, c.clients)])
+    order = {(c.link, c.mode, c.clients, c.loop): i for i, c in enumerate(_planned(cfg, profiles))}
+    sweep.cells.sort(key=lambda c: order[(c.link, c.mode, c.clients, loop_of(c))])
     return sweep
 
 
@@ -417,11 +500,17 @@ def _planned(cfg: MeasureConfig, profiles: list[LinkProfile]) -> list[Any]:
     from types import SimpleNamespace
 
     return [
-        SimpleNamespace(link=p.name, mode=m, clients=n)
+        SimpleNamespace(link=p.name, mode=m, clients=n, loop=loop)
         for p in profiles
         for m in cfg.modes
         for n in cfg.clients_for(p.name)
+        for loop in cfg.loops()
     ]
+
+
+def loop_of(c: Any) -> str:
+    """The loop a cell ran (a cell stored before loops existed ran sync)."""
+    return str(c.row().get("loop", "sync"))
 
 
 def cell_fingerprint(
@@ -443,14 +532,26 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def cell_key(c: Any) -> str:
-    """The cell's name in latencies_ms: link/mode, with /xN for N > 1 clients."""
-    return f"{c.link}/{c.mode}" + (f"/x{c.clients}" if c.clients > 1 else "")
+    """The cell's name in latencies_ms: link/mode, with /xN for N > 1 clients, and /realtime
+    for a real-time cell."""
+    return (
+        f"{c.link}/{c.mode}"
+        + (f"/x{c.clients}" if c.clients > 1 else "")
+        + ("/realtime" if loop_of(c) == "realtime" else "")
+    )
 
 
 def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
-    """The sweep as plain data (config, backend, rows, per-step latencies)."""
+    """The sweep as plain data (config, backend, sync rows, real-time rows, per-step
+    latencies); a real-time row carries the sync return of its link/mode when measured."""
     cfg_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     cells = sweep.cells
+    sync = [c.row() for c in cells if loop_of(c) == "sync"]
+    by = {(r["link"], r["mode"], r["clients"]): r.get("episode_return") for r in sync}
+    realtime = [
+        {**row, "sync_return": by.get((row["link"], row["mode"], row["clients"]))}
+        for row in (c.row() for c in cells if loop_of(c) == "realtime")
+    ]
     return {
         "config": cfg_d,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -461,7 +562,9 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
         "encoder": cells[0].encoder if cells else "",
         "profiles": sweep.profiles
         or {p: asdict(get_profile(p, cfg.links_file)) for p in cfg.links},
-        "rows": [c.row() for c in cells],
+        "control_hz": sweep.control_hz,
+        "rows": sync,
+        "realtime": realtime,
         "latencies_ms": {cell_key(c): c.latencies() for c in cells},
     }
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deploy import realtime_report
 from splitedge.output import table
 
 COLUMNS = [
@@ -121,11 +122,15 @@ def raw_message_for_speedup(
 def render(doc: dict[str, Any]) -> str:
     """The human tables of a sweep: latency, raw/split ratios, scalability, backend."""
     unit = "Ethernet frames" if doc.get("link_backend", "proxy") != "proxy" else "HTTP/2 bytes"
-    text = table(
-        single(doc["rows"]),
-        columns(doc),
-        title=f"decision latency (ms) and bytes per decision through the link ({unit})",
-    )
+    text = ""
+    if doc["rows"]:  # none when only the real-time loop ran
+        text = table(
+            single(doc["rows"]),
+            columns(doc),
+            title=f"decision latency (ms) and bytes per decision through the link ({unit})",
+        )
+    if rt := realtime_report.render(doc):
+        text = (text + "\n\n" if text else "") + rt
     r = ratios(doc["rows"])
     if r:
         text += "\n\n" + table(r, title="raw offload vs split, same run")
@@ -154,17 +159,22 @@ def _scaled_link(doc: dict[str, Any], link: str) -> bool:
 
 
 def write(doc: dict[str, Any], out: Path) -> list[Path]:
-    """results.json, results.csv, latency_cdf.png and p50_vs_bound.png under out."""
+    """results.json; with sync cells results.csv, latency_cdf.png and p50_vs_bound.png; with
+    real-time cells realtime.csv; all under out."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(doc["rows"][0].keys()))
-        w.writeheader()
-        w.writerows(doc["rows"])
-    paths = [out / "results.json", out / "results.csv"]
-    paths.append(plot_cdf(doc, out / "latency_cdf.png"))
-    paths.append(plot_bound(doc, out / "p50_vs_bound.png"))
-    return paths
+    paths = [out / "results.json"]
+    if doc["rows"]:
+        with open(out / "results.csv", "w", newline="") as f:
+            # every row's keys: a cell resumed from an older run may lack newer columns
+            keys = list(dict.fromkeys(k for row in doc["rows"] for k in row))
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(doc["rows"])
+        paths.append(out / "results.csv")
+        paths.append(plot_cdf(doc, out / "latency_cdf.png"))
+        paths.append(plot_bound(doc, out / "p50_vs_bound.png"))
+    return paths + realtime_report.write_csv(doc, out)
 
 
 def _pyplot() -> Any:
@@ -259,7 +269,8 @@ def markdown(doc: dict[str, Any], command: str) -> str:
         + "; `msg_up_B` is the gRPC message alone (protobuf + 5-byte prefix). `server_cpu_ms` is "
         "the server process's CPU time per decision.",
         "",
-        _md_table(single(doc["rows"]), columns(doc)),
+        _md_table(single(doc["rows"]), columns(doc)) if doc["rows"] else "(no sync cells)",
+        *realtime_report.markdown(doc, _md_table),
     ]
     r = ratios(doc["rows"])
     if r:

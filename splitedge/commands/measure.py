@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start a policy server, shape the path to it with each link "
         "profile, run the edge loop in each mode, and report p50/p95/p99 decision "
         "latency, bytes per step through the link, fallbacks and the analytic bound. "
-        "Writes results.json, results.csv and latency_cdf.png under --out.",
+        "With --loop realtime|both, also runs the env on a clock that never waits for the "
+        "server and reports action age and stale ticks. Writes results.json, results.csv and "
+        "latency_cdf.png (realtime.csv for real-time cells) under --out.",
     )
     p.add_argument("--bundle", type=Path, required=True, help="policy bundle directory or .tar")
     p.add_argument(
@@ -61,7 +63,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: split, raw, raw-png, raw-jpeg (default: %(default)s)",
     )
     p.add_argument(
-        "--steps", type=int, default=100, help="decisions per cell (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=100,
+        help="decisions per cell; ticks per real-time cell (default: %(default)s)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("sync", "realtime", "both"),
+        default="sync",
+        help="sync: the env waits for every action (decision latency); realtime: the env "
+        "steps on a clock at --control-hz and each tick applies the newest action that has "
+        "come back (held when none has; the fallback action before the first), reporting "
+        "action age in ticks, the share of stale ticks and the return; both: each cell in "
+        "both, the sync return beside the real-time one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--control-hz",
+        type=float,
+        default=None,
+        metavar="HZ",
+        help="real-time tick rate (default: the env's own, 1/dt or 1/tau, e.g. 50 for "
+        "CartPole, 20 for Pendulum; an env that declares none needs this flag)",
     )
     p.add_argument(
         "--warmup", type=int, default=5, help="untimed decisions per cell (default: %(default)s)"
@@ -147,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         server_up_kbit=args.server_up_kbit,
         server_down_kbit=args.server_down_kbit,
+        loop=args.loop,
+        control_hz=args.control_hz,
     )
     store = CellStore(args.out, resume=not args.no_resume)
     if args.self_check:
