@@ -189,7 +189,9 @@ def flash(
         )
     steps.done(
         "pre-flight",
-        f"{facts['arch']}, Python {facts['python']}, root {root}, "
+        f"{facts['arch']}, Python {facts['python']}"
+        + (f" ({facts['python_abi']})" if facts.get("python_abi") else "")
+        + f", root {root}, "
         f"{'systemd' if facts['systemd'] else 'supervisor (' + facts['systemd_reason'] + ')'}"
         + (f"; backend {service['backend']} ({service['backend_reason']})" if not llm else ""),
     )

@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ def facts(root: Path, read_only: bool = False) -> dict[str, Any]:
         "arch": os.environ.get("SPLITEDGE_EMULATED_ARCH") or platform.machine(),
         "emulated_profile": os.environ.get("SPLITEDGE_EMULATED_PROFILE"),
         "python": platform.python_version(),
+        # the ABI its extension modules need (cpython-311-aarch64-linux-gnu on a Pi 4 on Bookworm)
+        "python_abi": sysconfig.get_config_var("SOABI"),
         "python_exe": sys.executable,
         "venv": venv_ok,
         "glibc": "-".join(platform.libc_ver()),

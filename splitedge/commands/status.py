@@ -37,6 +37,12 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         {"field": "root", "value": s["root"]},
         {
+            "field": "device",
+            "value": f"{s.get('arch')}"
+            + (f" (emulated on {s.get('machine')})" if s.get("arch") != s.get("machine") else "")
+            + f", Python {s.get('python')}",
+        },
+        {
             "field": "current",
             "value": (s["current"] or "(none)")
             + (f" ({s['kind']} bundle)" if s.get("kind") else ""),

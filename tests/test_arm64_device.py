@@ -1,0 +1,209 @@
+"""The emulated Raspberry Pi that is really arm64: a Debian arm64 userland under qemu-user.
+
+The heavy test builds (or reuses) the cached root file system, flashes the shipped
+bundle offline with --backend es2 (Mesa llvmpipe inside the arm64 userland), checks
+on the device's files that what was installed is aarch64 code (ELF headers read
+here, not the device's word), that `status` says aarch64, and rolls back. The
+light tests check that a missing qemu or binfmt_misc stops the emulator with one
+line that names the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.emulate import binfmt
+from deploy.emulate.rootfs import built, rootfs_path
+from splitedge.bundle import write_manifest
+from splitedge.cli import main
+from splitedge.errors import SplitedgeError
+from tests.conftest import ZOO_BUNDLE
+
+NAME = "cartpole-ppo"
+V1, V2 = f"{NAME}-1.0.0", f"{NAME}-1.0.1"
+EM_AARCH64 = 183  # ELF e_machine of aarch64 (x86_64 is 62)
+
+
+def _elf_machine(path: Path) -> int:
+    """e_machine of an ELF file, read from its header (bytes 18-19, little endian)."""
+    head = path.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(head[18:20], "little")
+
+
+def _tools_ready() -> str | None:
+    have_ssh = Path("/usr/sbin/sshd").is_file() and shutil.which("rsync") and shutil.which("ssh")
+    if not have_ssh:
+        return "needs openssh-server, openssh-client and rsync"
+    return binfmt.tools_problem(need_builder=not built(rootfs_path()))
+
+
+# -- one clear line when qemu or binfmt_misc is missing -------------------------------------
+def _emulate_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> tuple[int, str]:
+    rc = main(["device", "emulate", "--arch", "arm64", "--workdir", str(tmp_path), "--for", "1"])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_missing_qemu_is_one_line_with_the_apt_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(binfmt, "QEMU", str(tmp_path / "no-qemu-aarch64-static"))
+    rc, err = _emulate_line(capsys, tmp_path / "emu")
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "apt-get install -y qemu-user-static" in err
+
+
+def test_missing_binfmt_misc_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the binfmt check comes after the root check")
+    fake_qemu = tmp_path / "qemu-aarch64-static"
+    fake_qemu.write_bytes(b"")
+    no_fs = tmp_path / "filesystems"
+    no_fs.write_text("nodev\tproc\nnodev\ttmpfs\n")
+    monkeypatch.setattr(binfmt, "QEMU", str(fake_qemu))
+    monkeypatch.setattr(binfmt, "BINFMT", tmp_path / "binfmt_misc")  # not mounted
+    monkeypatch.setattr(binfmt, "FILESYSTEMS", no_fs)  # and the kernel lacks it
+    rc, err = _emulate_line(capsys, tmp_path / "emu")
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "binfmt_misc" in err and "modprobe binfmt_misc" in err
+
+
+def test_x86_64_emulator_is_unchanged_by_default() -> None:
+    from deploy.emulate.device import EmulatedDevice
+
+    dev = EmulatedDevice("pi-zero-2w")
+    assert dev.arm64 is None
+    with pytest.raises(SplitedgeError, match="unknown --arch"):
+        EmulatedDevice("pi-zero-2w", arch="mips")
+    dev.cleanup()
+
+
+# -- the real thing ------------------------------------------------------------------------
+def _cli(dev: object, *args: str) -> tuple[int, dict]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([*args, "--ssh-config", str(dev.ssh_config), "--json"])  # type: ignore[attr-defined]
+    text = buf.getvalue()
+    return rc, (json.loads(text) if text.strip() else {})
+
+
+def _current(root: Path) -> str | None:
+    return os.readlink(root / "current").split("/")[-1] if (root / "current").is_symlink() else None
+
+
+def _version(tmp: Path, version: str) -> Path:
+    out = tmp / version
+    shutil.copytree(ZOO_BUNDLE, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("format")
+    manifest.pop("files")
+    manifest["version"] = version
+    write_manifest(out, manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def arm64(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    from deploy.emulate.device import EmulatedDevice
+    from deploy.emulate.rootfs import ensure_rootfs
+    from deploy.server_process import ServerProcess
+
+    why = _tools_ready()
+    if why:
+        pytest.skip(why)
+    tmp = tmp_path_factory.mktemp("arm64")
+    t0 = time.monotonic()
+    rootfs = ensure_rootfs()  # the shared cache: built once, reused by every later run
+    print(f"\narm64 rootfs {rootfs} ready in {time.monotonic() - t0:.1f} s")
+    # wheels in a cache of our own, as tests/test_flash_e2e.py does
+    saved, os.environ["SPLITEDGE_CACHE"] = os.environ.get("SPLITEDGE_CACHE"), str(tmp / "cache")
+    dev = EmulatedDevice("pi-4b", arch="arm64", rootfs=rootfs)
+    server = ServerProcess(ZOO_BUNDLE, extra_args=["--host", "0.0.0.0", "--grace-s", "0.5"])
+    try:
+        with server, dev:
+            print(f"emulated arm64 device: {dev.caps.describe()}; {dev.describe()['binfmt']}")
+            yield {"dev": dev, "server": f"{dev.host_address}:{server.port}", "tmp": tmp}
+        if "registered as" in dev.describe()["binfmt"]:
+            assert not (binfmt.BINFMT / binfmt.NAME).exists(), "our binfmt entry is undone"
+    finally:
+        if saved is None:
+            os.environ.pop("SPLITEDGE_CACHE", None)
+        else:
+            os.environ["SPLITEDGE_CACHE"] = saved
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_arm64_device_flash_health_status_rollback(arm64: dict) -> None:
+    dev = arm64["dev"]
+    root: Path = dev.root
+    r = dev.ssh(
+        "sh", "-c", 'uname -m; python3 -c "import sys; print(sys.implementation.cache_tag)"'
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["aarch64", "cpython-311"], r.stdout
+
+    flash = [
+        "flash",
+        "--host",
+        dev.host,
+        "--profile",
+        "pi-4b",
+        "--server",
+        arm64["server"],
+        "--offline",
+        "--backend",
+        "es2",
+        "--rate-hz",
+        "2",
+    ]
+    t0 = time.monotonic()
+    rc, r1 = _cli(dev, *flash, "--bundle", str(ZOO_BUNDLE))
+    print(f"first flash on arm64: {time.monotonic() - t0:.1f} s")
+    assert rc == 0 and r1["release"] == V1, r1
+    assert _current(root) == V1
+    preflight = next(row["result"] for row in r1["steps"] if row["step"] == "pre-flight")
+    assert preflight.startswith("aarch64, Python 3.11") and "cpython-311-aarch64" in preflight
+
+    # what the device runs is aarch64 code: read the ELF headers here, not the device's word
+    wheels = {p.name for p in (root / "wheelhouse").glob("*.whl")}
+    for pkg in ("onnxruntime", "grpcio", "numpy", "cryptography"):
+        assert any(w.startswith(pkg + "-") and "aarch64" in w for w in wheels), (pkg, wheels)
+    assert any(w.lower().startswith("pyopengl-") for w in wheels)
+    runtime = (root / "releases" / V1 / "runtime").resolve()
+    site = next(runtime.glob("venv/lib/python3.11/site-packages"))
+    ort = next((site / "onnxruntime" / "capi").glob("onnxruntime_pybind11_state*.so"))
+    assert _elf_machine(ort) == EM_AARCH64
+
+    health = json.loads((root / "state" / "health.json").read_text())
+    assert health["ok"] and health["release"] == V1, health
+    assert (
+        health["encoder"]["backend"].startswith("es2: ")
+        and "llvmpipe" in (health["encoder"]["backend"])
+    )
+    assert health["encoder"]["max_diff_lsb"] <= 2
+    assert health["round_trip"]["ok"] and health["round_trip"]["action"] in (0, 1)
+
+    rc, s = _cli(dev, "status", "--host", dev.host)
+    assert rc == 0 and s["machine"] == "aarch64" and s["arch"] == "aarch64", s
+    assert s["current"] == V1 and s["last_health"]["ok"]
+
+    rc, r2 = _cli(dev, *flash, "--bundle", str(_version(arm64["tmp"], "1.0.1")))
+    assert rc == 0 and _current(root) == V2, r2
+    rc, r = _cli(dev, "rollback", "--host", dev.host)
+    assert rc == 0, r
+    assert _current(root) == V1
