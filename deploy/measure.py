@@ -547,11 +547,17 @@ def cells_to_json(sweep: Sweep, cfg: MeasureConfig) -> dict[str, Any]:
     cfg_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     cells = sweep.cells
     sync = [c.row() for c in cells if loop_of(c) == "sync"]
-    by = {(r["link"], r["mode"], r["clients"]): r.get("episode_return") for r in sync}
-    realtime = [
-        {**row, "sync_return": by.get((row["link"], row["mode"], row["clients"]))}
-        for row in (c.row() for c in cells if loop_of(c) == "realtime")
-    ]
+    by = {(r["link"], r["mode"], r["clients"]): r for r in sync}
+    realtime = []
+    for row in (c.row() for c in cells if loop_of(c) == "realtime"):
+        twin = by.get((row["link"], row["mode"], row["clients"]), {})
+        realtime.append(
+            {
+                **row,
+                "sync_return": twin.get("episode_return"),
+                "sync_episodes": twin.get("episodes"),
+            }
+        )
     return {
         "config": cfg_d,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

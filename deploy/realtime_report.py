@@ -20,8 +20,8 @@ from splitedge.output import table
 
 COLUMNS = [
     "link", "mode", "clients", "control_hz", "p50_ms", "p95_ms", "age_p50", "age_p95",
-    "age_max", "stale_share", "default_ticks", "unsent", "overruns", "episode_return",
-    "sync_return",
+    "age_max", "stale_share", "unsent", "overruns", "episode_return", "episodes",
+    "sync_return", "sync_episodes",
 ]  # fmt: skip
 EXPLAINED = (
     "Real time: the env steps every 1/control_hz s whatever the link does; each tick sends "
@@ -29,11 +29,13 @@ EXPLAINED = (
     "the client's default action before the first of an episode). `p50_ms`/`p95_ms`: "
     "decision latency, send to reply. `age_*`: ticks between the observation an action "
     "answered and the tick it was applied (nearest-rank percentiles). `stale_share`: ticks "
-    "acting on an action at least one tick old, or on the default action (`default_ticks`). "
+    "acting on an action at least one tick old, or on the default action (`default` in the "
+    "histogram). "
     "`unsent`: ticks that sent nothing (requests in flight at the cap, or not connected). "
     "`overruns`: ticks that started a whole period late. `episode_return`: the mean return "
-    "of finished episodes (of the running one when none finished; `episodes` says which), "
-    "next to the sync loop's `sync_return` on the same link with the same seed."
+    "of the `episodes` finished episodes (of the running one when none finished), next to "
+    "the sync loop's `sync_return` on the same link with the same seeds. A run shorter than "
+    "an episode censors the long ones: give --steps a few episodes' worth."
 )
 
 

@@ -68,6 +68,7 @@ def test_measure_both_loops_reports_action_age_and_returns(
     assert rt["stale_share"] == 1.0  # no action was fresh, by the same bound
     # the sync return of the same policy on the same link, next to the real-time one
     assert rt["sync_return"] == sync["episode_return"]
+    assert rt["sync_episodes"] == sync["episodes"]
     assert sync["episode_return"] > 0 and rt["episode_return"] > 0
     assert (out / "realtime.csv").read_text().startswith("link,mode,clients,loop,")
     report = (out / "report.md").read_text()
