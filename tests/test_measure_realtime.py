@@ -85,3 +85,20 @@ def test_realtime_refusals_are_one_line(capsys: pytest.CaptureFixture[str]) -> N
     assert "needs --rpc stream" in capsys.readouterr().err
     assert main([*base, "--bundle", str(ZOO_BUNDLE), "--loop", "both", "--control-hz", "0"]) == 2
     assert "--control-hz must be > 0" in capsys.readouterr().err
+
+
+def test_cell_summary_pools_clients_by_hand() -> None:
+    from deploy.realtime_report import episode_return, summarise
+
+    a = {"ages": [None, 2, 2, 3], "episode_returns": [10.0], "partial_return": 4.0,
+         "overruns": 1, "unsent": 0}  # fmt: skip
+    b = {"ages": [None, None, 0, 1], "episode_returns": [20.0, 30.0], "partial_return": 1.0,
+         "overruns": 0, "unsent": 2}  # fmt: skip
+    s = summarise([a, b])
+    # pooled ages 2, 2, 3, 0, 1 -> sorted 0 1 2 2 3: nearest-rank p50 is the 3rd, p95 the 5th
+    assert (s["age_p50"], s["age_p95"], s["age_max"]) == (2, 3, 3)
+    assert s["age_hist"] == {"0": 1, "1": 1, "2": 2, "3": 1} and s["default_ticks"] == 3
+    assert s["stale_share"] == pytest.approx(7 / 8)  # all but the one age-0 tick
+    assert (s["unsent"], s["overruns"]) == (2, 1)
+    assert (s["episode_return"], s["episodes"]) == (20.0, 3)  # finished ones only
+    assert episode_return([], [4.0, 1.0]) == (2.5, 0)  # none finished: the running ones
