@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 # Two workers, one per core; a test file stays on one worker (its module fixtures are built once).
 test: lint
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 # The slowest end-to-end tests, which CI leaves out (see the slow marker in pyproject.toml).
 test-slow: $(STAMP)
