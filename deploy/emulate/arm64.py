@@ -10,6 +10,7 @@ programs run by qemu-user-static (binfmt.py). Pre-flight then reads the real
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,18 @@ ARCHES = ("native", "arm64")
 DEVICE_ROOT = "/opt/splitedge"  # the install root as the device's programs see it
 HELPER = Path(__file__).with_name("chroot_mounts.py")
 MOUNTS = Path("/run/splitedge-emu")  # chroot mount points: sshd wants root-owned, 0755 parents
+# each board's Arm core as /proc/cpuinfo names it (implementer 0x41 = Arm): A53, A72, A57
+CPU_PARTS = {"pi-zero-2w": "0xd03", "pi-4b": "0xd08", "jetson-nano": "0xd07"}
+
+
+def cpuinfo(profile: str) -> str:
+    """An aarch64 /proc/cpuinfo for the profile's core, one entry per CPU this machine gives us."""
+    entry = (
+        "processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+        "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\n"
+        f"CPU part\t: {CPU_PARTS.get(profile, '0xd08')}\nCPU revision\t: 3\n\n"
+    )
+    return "".join(entry.format(n=n) for n in range(len(os.sched_getaffinity(0))))
 
 
 class Arm64Userland:
@@ -52,10 +65,12 @@ class Arm64Userland:
             d.mkdir(exist_ok=True)
             d.chmod(0o755)
 
-    def wrap(self, sshd_argv: list[str], install_root: Path) -> list[str]:
+    def wrap(self, sshd_argv: list[str], install_root: Path, profile: str) -> list[str]:
         """sshd's command line, run after the mounts in a mount namespace of its own."""
         assert self.rootfs is not None
         overlay = self.workdir / "device" / "overlay"
+        cpu = self.workdir / "device" / "cpuinfo"
+        cpu.write_text(cpuinfo(profile))
         return [
             "unshare",
             "--mount",
@@ -68,6 +83,7 @@ class Arm64Userland:
             str(overlay),
             str(self.mountpoint),
             str(install_root),
+            str(cpu),
             "--",
             *sshd_argv,
         ]

@@ -1,12 +1,14 @@
 """Mount the arm64 device's file system, then become its sshd (run inside `unshare --mount`).
 
-Usage: python chroot_mounts.py LOWER OVERLAY MOUNTPOINT INSTALL_ROOT -- SSHD ARGS...
+Usage: python chroot_mounts.py LOWER OVERLAY MOUNTPOINT INSTALL_ROOT CPUINFO -- SSHD ARGS...
 
 In the emulator's private mount namespace: an overlay of the cached root file
 system (LOWER, never written) with this device's own writable layer (OVERLAY),
 /proc, /sys (the cgroup limit pre-flight reads) and /dev, and the host folder
 INSTALL_ROOT bound at /opt/splitedge, so the host sees the install root where the
-x86_64 emulator keeps it. All of it vanishes with the namespace, i.e. with the
+x86_64 emulator keeps it, and CPUINFO over /proc/cpuinfo: qemu-user 7.2 shows the
+host's x86 one, which arm CPU probes cannot parse (onnxruntime's segfaults at import).
+All of it vanishes with the namespace, i.e. with the
 last process of the device. Stdlib only; errors are one line on stderr (sshd.log).
 """
 
@@ -26,7 +28,7 @@ def _mount(*argv: str) -> None:
 
 def main(argv: list[str]) -> None:
     split = argv.index("--")
-    lower, overlay, mountpoint, install_root = (Path(a) for a in argv[:split])
+    lower, overlay, mountpoint, install_root, cpuinfo = (Path(a) for a in argv[:split])
     sshd = argv[split + 1 :]
     upper, work = overlay / "upper", overlay / "work"
     for d in (upper, work):
@@ -41,6 +43,7 @@ def main(argv: list[str]) -> None:
         str(mountpoint),
     )
     _mount("-t", "proc", "proc", str(mountpoint / "proc"))
+    _mount("--bind", str(cpuinfo), str(mountpoint / "proc" / "cpuinfo"))
     _mount("--rbind", "/sys", str(mountpoint / "sys"))
     _mount("--rbind", "/dev", str(mountpoint / "dev"))
     (mountpoint / "opt" / "splitedge").mkdir(parents=True, exist_ok=True)

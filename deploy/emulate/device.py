@@ -170,7 +170,7 @@ class EmulatedDevice:
         self._write_sshd_config(keys)
         argv = [SSHD, "-D", "-e", "-f", str(self.workdir / "sshd_config")]
         if self.arm64 is not None:
-            argv = self.arm64.wrap(argv, self.root)
+            argv = self.arm64.wrap(argv, self.root, self.profile.profile)
         if self._netns:
             # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup limit from pre-flight
             argv = ["nsenter", f"--net=/run/netns/{self._netns}", *argv]
