@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from deploy.emulate import binfmt
-from deploy.emulate.rootfs import built, rootfs_path
+from deploy.emulate.arm64 import cpuinfo
+from deploy.emulate.rootfs import PACKAGES, built, rootfs_path
 from splitedge.bundle import write_manifest
 from splitedge.cli import main
 from splitedge.errors import SplitedgeError
@@ -90,6 +91,47 @@ def test_x86_64_emulator_is_unchanged_by_default() -> None:
     with pytest.raises(SplitedgeError, match="unknown --arch"):
         EmulatedDevice("pi-zero-2w", arch="mips")
     dev.cleanup()
+
+
+def test_rootfs_cache_is_keyed_by_suite_and_packages(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SPLITEDGE_CACHE", str(tmp_path))
+    base = rootfs_path()
+    assert base.parent == tmp_path / "rootfs" and base.name.startswith("bookworm-arm64-")
+    assert rootfs_path(packages=("python3", "rsync")) != base
+    assert rootfs_path(suite="trixie") != base
+    assert rootfs_path(packages=tuple(reversed(PACKAGES))) == base, "order does not matter"
+    assert built(base) is None, "nothing built there: an empty cache is not a root file system"
+
+
+def test_only_an_enabled_fix_binary_aarch64_handler_counts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    table = tmp_path / "binfmt_misc"
+    table.mkdir()
+    (table / "register").write_text("")
+    (table / "status").write_text("enabled\n")
+    entry = "{state}\ninterpreter /usr/bin/qemu-aarch64-static\nflags: {flags}\noffset 0\n"
+    entry += f"magic {binfmt.MAGIC.hex()}\nmask {binfmt.MASK.hex()}\n"
+    monkeypatch.setattr(binfmt, "BINFMT", table)
+    (table / "qemu-aarch64").write_text(entry.format(state="enabled", flags="OCP"))
+    assert binfmt.aarch64_handler() is None, "without F the chroot would need its own qemu"
+    (table / "other").write_text(entry.format(state="disabled", flags="F"))
+    assert binfmt.aarch64_handler() is None
+    (table / "ours").write_text(entry.format(state="enabled", flags="F"))
+    assert binfmt.aarch64_handler() == "ours"
+
+
+@pytest.mark.parametrize(("profile", "part"), [("pi-zero-2w", "0xd03"), ("pi-4b", "0xd08")])
+def test_device_cpuinfo_names_the_profiles_arm_core(profile: str, part: str) -> None:
+    entries = [e for e in cpuinfo(profile).split("\n\n") if e.strip()]
+    assert len(entries) == len(os.sched_getaffinity(0))
+    for n, e in enumerate(entries):
+        fields = dict(line.split(":", 1) for line in e.splitlines())
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        assert fields["processor"] == str(n) and fields["CPU implementer"] == "0x41"
+        assert fields["CPU part"] == part and fields["CPU architecture"] == "8"
 
 
 # -- the real thing ------------------------------------------------------------------------
