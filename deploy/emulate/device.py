@@ -89,10 +89,15 @@ class EmulatedDevice:
         name: str | None = None,
         arch: str = "native",
         rootfs: Path | None = None,
+        memory_mb: int | None = None,
     ):
         if arch not in ARCHES:
             raise SplitedgeError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHES)}")
         self.profile = requirements(profile)
+        # the cgroup limit: the board's RAM unless asked otherwise (qemu's own memory counts too)
+        self.memory_mb = memory_mb or self.profile.ram_mb
+        if self.memory_mb < 64:
+            raise SplitedgeError(f"--memory-mb {self.memory_mb}: give at least 64 (MB)")
         self.ident = secrets.token_hex(
             3
         )  # not `random`: test frameworks reseed it, names would collide
@@ -249,7 +254,7 @@ class EmulatedDevice:
             return
         parent, version = found
         group = parent / f"splitedge-emu-{self.ident}"
-        limit = str(self.profile.ram_mb * 2**20)
+        limit = str(self.memory_mb * 2**20)
         try:
             group.mkdir()
             (group / ("memory.max" if version == "v2" else "memory.limit_in_bytes")).write_text(
@@ -429,7 +434,7 @@ class EmulatedDevice:
             "root": str(self.root),
             "host_address_from_device": self.host_address,
             "isolation": self.caps.describe(),
-            "memory_limit_mb": self.profile.ram_mb if self.caps.cgroup else None,
+            "memory_limit_mb": self.memory_mb if self.caps.cgroup else None,
             **(self.arm64.describe() if self.arm64 is not None else {}),
         }
 

@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "real aarch64 Debian userland under qemu (default: %(default)s)",
     )
     e.add_argument(
+        "--memory-mb",
+        type=int,
+        default=None,
+        help="the device's cgroup memory limit (default: the profile's RAM); under --arch arm64 "
+        "qemu's own memory counts against it, and a pi-zero-2w's 512 MB is too little there",
+    )
+    e.add_argument(
         "--no-isolation", action="store_true", help="plain loopback sshd: no namespace, no cgroup"
     )
     e.add_argument(
@@ -63,6 +70,7 @@ def emulate(args: argparse.Namespace) -> int:
         isolate=not args.no_isolation,
         name=args.name,
         arch=args.arch,
+        memory_mb=args.memory_mb,
     )
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with dev:
