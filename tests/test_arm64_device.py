@@ -49,12 +49,20 @@ def _tools_ready() -> str | None:
 
 
 # -- one clear line when qemu or binfmt_misc is missing -------------------------------------
+# (the emulator checks for sshd and rsync first, as the x86_64 one does)
+needs_ssh = pytest.mark.skipif(
+    not (Path("/usr/sbin/sshd").is_file() and shutil.which("rsync")),
+    reason="needs openssh-server and rsync (apt-get install -y openssh-server rsync)",
+)
+
+
 def _emulate_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> tuple[int, str]:
     rc = main(["device", "emulate", "--arch", "arm64", "--workdir", str(tmp_path), "--for", "1"])
     err = capsys.readouterr().err.strip()
     return rc, err
 
 
+@needs_ssh
 def test_missing_qemu_is_one_line_with_the_apt_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -65,6 +73,7 @@ def test_missing_qemu_is_one_line_with_the_apt_command(
     assert "apt-get install -y qemu-user-static" in err
 
 
+@needs_ssh
 def test_missing_binfmt_misc_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
