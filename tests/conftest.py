@@ -59,3 +59,25 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         export_policy(tiny_run / "model.zip", out / "tiny-cartpole", "tiny-cartpole", "0.0.1")
 
     return _built_once(tmp_path_factory, "bundle", build) / "tiny-cartpole"
+
+
+SLOW_LINK = """
+[slow]
+up_kbit = 500
+down_kbit = 1000
+delay_ms = 15
+jitter_ms = 0
+queue_bytes = 65536
+source = "test profile"
+"""
+
+
+@pytest.fixture()
+def links_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A links TOML with one 'slow' profile (30 ms round trip), made the default for get_profile."""
+    import deploy.link.profiles as profiles
+
+    path = tmp_path / "links.toml"
+    path.write_text(SLOW_LINK)
+    monkeypatch.setattr(profiles, "DEFAULT_PROFILES", path)
+    return path

@@ -24,9 +24,9 @@ import pytest
 from deploy.emulate import binfmt
 from deploy.emulate.arm64 import cpuinfo
 from deploy.emulate.rootfs import PACKAGES, built, rootfs_path
-from splitedge.bundle import write_manifest
 from splitedge.cli import main
 from splitedge.errors import SplitedgeError
+from tests.bundles import reversioned
 from tests.conftest import ZOO_BUNDLE
 
 NAME = "cartpole-ppo"
@@ -156,17 +156,6 @@ def _current(root: Path) -> str | None:
     return os.readlink(root / "current").split("/")[-1] if (root / "current").is_symlink() else None
 
 
-def _version(tmp: Path, version: str) -> Path:
-    out = tmp / version
-    shutil.copytree(ZOO_BUNDLE, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.pop("format")
-    manifest.pop("files")
-    manifest["version"] = version
-    write_manifest(out, manifest)
-    return out
-
-
 @pytest.fixture(scope="module")
 def arm64(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     from deploy.emulate.device import EmulatedDevice
@@ -255,7 +244,7 @@ def test_arm64_device_flash_health_status_rollback(arm64: dict) -> None:
 
     # the second version's gate probes onnxruntime, aarch64 build under qemu (it needs the
     # emulator's aarch64 /proc/cpuinfo: with the host's it segfaults at import)
-    v2 = str(_version(arm64["tmp"], "1.0.1"))
+    v2 = str(reversioned(arm64["tmp"], "1.0.1"))
     rc, r2 = _cli(dev, *flash, "--backend", "ort", "--bundle", v2)
     assert rc == 0 and _current(root) == V2, r2
     assert r2["health"]["encoder"]["backend"].startswith("ort"), r2["health"]

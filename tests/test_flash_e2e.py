@@ -28,6 +28,7 @@ import pytest
 from splitedge.bundle import write_manifest
 from splitedge.cli import main
 from splitedge.errors import SplitedgeError
+from tests.bundles import reversioned
 from tests.conftest import ZOO_BUNDLE
 
 NAME = "cartpole-ppo"
@@ -44,20 +45,6 @@ pytestmark = [needs_ssh, pytest.mark.timeout(300)]
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def _version(tmp: Path, version: str, padding_kb: int = 0) -> Path:
-    """The shipped bundle re-versioned (and optionally padded so a transfer takes a while)."""
-    out = tmp / version
-    shutil.copytree(ZOO_BUNDLE, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.pop("format")
-    manifest.pop("files")
-    manifest["version"] = version
-    if padding_kb:
-        (out / "padding.bin").write_bytes(random.Random(0).randbytes(padding_kb * 1024))
-    write_manifest(out, manifest)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +65,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                 "server": f"{dev.host_address}:{server.port}",
                 "tmp": tmp,
                 "v1": ZOO_BUNDLE,
-                "v2": _version(tmp, "1.0.1"),
-                "v3": _version(tmp, "1.0.2", padding_kb=384),
+                "v2": reversioned(tmp, "1.0.1"),
+                "v3": reversioned(tmp, "1.0.2", padding_kb=384),
             }
     finally:
         if saved is None:
@@ -348,7 +335,7 @@ def test_corrupted_or_badly_signed_bundles_are_refused(env: dict) -> None:
     assert (root / "incoming" / rel / "bundle" / "head.onnx").is_file(), "the rest stays"
 
     # signatures: a key the bundle was not signed with is refused here, and on the device
-    signed = _version(tmp, "1.0.3")
+    signed = reversioned(tmp, "1.0.3")
     generate_keypair(tmp / "a.key", tmp / "a.pub")
     generate_keypair(tmp / "b.key", tmp / "b.pub")
     sign_bundle(signed, tmp / "b.key")
@@ -386,7 +373,7 @@ def test_failing_health_gate_rolls_back_automatically(env: dict) -> None:
 
     dev, root = env["dev"], env["dev"].root
     assert _current(root) == V1 and _previous(root) == V2
-    bad_release = _version(env["tmp"], "1.0.4")
+    bad_release = reversioned(env["tmp"], "1.0.4")
     unreachable = f"{dev.host_address}:{free_port()}"
     argv = [
         "flash",
@@ -473,7 +460,7 @@ def test_the_device_reverts_by_itself_when_the_flasher_dies_or_its_network_is_cu
     """SIGKILL the flasher (and its ssh) at each step after the switch, then cut the device's
     link in the middle of the health gate: each time the device alone goes back to V1."""
     dev, root, tmp = env["dev"], env["dev"].root, env["tmp"]
-    v5, rel = _version(tmp, "1.0.5"), f"{NAME}-1.0.5"
+    v5, rel = reversioned(tmp, "1.0.5"), f"{NAME}-1.0.5"
     gate_s = env.get("gate_s", 10.0)  # the health gate's time on this machine, measured above
     points = [("after-switch", 8.0), ("mid-gate", 8.0), ("before-commit", max(20.0, 5 * gate_s))]
     points += [("mark-gate", 12.0)] if dev.caps.netns else []  # mark-gate: the network cut
@@ -613,7 +600,7 @@ class Cam(gym.Env):
 def _user_env_version(tmp: Path, version: str) -> Path:
     """The shipped bundle re-versioned, recording a user's env (cam_env:Cam, same frame shape)
     that exists only in the user's folder: the device gets it from --env-package or not at all."""
-    out = _version(tmp, version)
+    out = reversioned(tmp, version)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest.pop("format")
     manifest.pop("files")

@@ -9,27 +9,6 @@ import pytest
 
 from splitedge.cli import main
 
-LINKS = """
-[slow]
-up_kbit = 500
-down_kbit = 1000
-delay_ms = 15
-jitter_ms = 0
-queue_bytes = 65536
-source = "test profile"
-"""
-
-
-@pytest.fixture()
-def links_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A links TOML with a test profile, made the default for get_profile."""
-    import deploy.link.profiles as profiles
-
-    path = tmp_path / "links.toml"
-    path.write_text(LINKS)
-    monkeypatch.setattr(profiles, "DEFAULT_PROFILES", path)
-    return path
-
 
 def test_measure_split_vs_raw_against_theory(
     tiny_bundle: Path, tmp_path: Path, links_file: Path, capsys: pytest.CaptureFixture[str]

@@ -15,26 +15,7 @@ import pytest
 from splitedge.cli import main
 from tests.conftest import ROOT, ZOO_BUNDLE
 
-LINKS = """
-[slow]
-up_kbit = 500
-down_kbit = 1000
-delay_ms = 15
-jitter_ms = 0
-queue_bytes = 65536
-source = "test profile"
-"""
 TICKS = 30
-
-
-@pytest.fixture()
-def links_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import deploy.link.profiles as profiles
-
-    path = tmp_path / "links.toml"
-    path.write_text(LINKS)
-    monkeypatch.setattr(profiles, "DEFAULT_PROFILES", path)
-    return path
 
 
 def test_measure_both_loops_reports_action_age_and_returns(
