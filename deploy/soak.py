@@ -18,7 +18,8 @@ import numpy as np
 from deploy.clients import ClientGroup, ClientResult
 from deploy.link.kernel import choose_backend, open_link
 from deploy.link.profiles import get_profile
-from deploy.measure import MeasureConfig, check_env, check_links, shaped_server
+from deploy.measure import MeasureConfig, shaped_server
+from deploy.measure_checks import check_env, check_links
 from edge.telemetry import WindowedLatency
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError

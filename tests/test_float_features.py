@@ -226,10 +226,10 @@ def test_probe_and_health_gate_compare_float_features_in_steps(
 
 
 def test_measure_counts_four_bytes_per_float_feature(float_bundle: Path) -> None:
-    from deploy.measure import _split_message_bytes
+    from deploy.measure_checks import split_message_bytes
 
-    assert _split_message_bytes(float_bundle) == 64 * 4
-    assert _split_message_bytes(ZOO_BUNDLE) == 64
+    assert split_message_bytes(float_bundle) == 64 * 4
+    assert split_message_bytes(ZOO_BUNDLE) == 64
 
 
 def test_bench_server_messages_are_what_a_float_bundle_accepts(float_bundle: Path) -> None:
