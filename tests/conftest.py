@@ -12,6 +12,11 @@ import pytest
 # Small convs on a shared 2-core box: extra torch/OpenMP threads only contend (a single-frame
 # SB3 predict took 81 ms with 2 threads vs 2.7 ms with 1 while both cores were busy).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# test_flash_commit forks the device's commit watchdog inside a pytest worker that may already
+# have run gRPC tests; gRPC's fork handlers then broke the child (it died at once, or never
+# started: 1 begin in ~30 with gRPC threads busy, 0 in 30 with this). On a device the fork
+# happens in the stdlib-only device script, where there is no gRPC to disturb it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_BUNDLE = ROOT / "models" / "zoo" / "cartpole-ppo"
