@@ -24,10 +24,12 @@ def test_loss_self_check_counts_packets_each_way() -> None:
     rows = loss.self_check(loss_pct=10.0, packets=20_000)
     assert [r["direction"] for r in rows] == ["up", "down"]
     for r in rows:
-        # within 10% relative of the configured 10% over 20,000 packets (4.7 sigma)
+        # >= 10,000 packets reached the loss stage (a loaded host may drop some before it)
+        assert r["nft_seen"] >= 10_000, r
+        # within 10% relative of the configured 10% (4.7 sigma at 20,000 packets), counted by
+        # the receiver, independently of the drops nftables reports
         assert r["ok"] and 9.0 <= r["measured_pct"] <= 11.0, r
-        # what arrived is what nftables let through (a couple of ARP packets aside)
-        assert abs(r["nft_seen"] - r["nft_lost"] - r["received"]) <= 5, r
+        assert 9.0 <= 100 * r["nft_lost"] / r["nft_seen"] <= 11.0, r
 
 
 def test_loss_is_refused_where_it_cannot_be_emulated_and_netem_gets_it() -> None:
