@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/policy.proto\x12\x0csplitedge.v1\"\x90\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.splitedge.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x05\x12\"\n\x05\x63odec\x18\x06 \x01(\x0e\x32\x13.splitedge.v1.Codec\"b\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.splitedge.v1.DType\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x12\n\nzero_point\x18\x04 \x01(\x05\"\xb8\x01\n\x0cHelloRequest\x12\x13\n\x0b\x62undle_name\x18\x01 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x16\n\x0e\x65ncoder_digest\x18\x03 \x01(\t\x12.\n\x0c\x66\x65\x61ture_spec\x18\x04 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.splitedge.v1.Mode\x12\x11\n\tclient_id\x18\x06 \x01(\t\"\xf8\x01\n\nHelloReply\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x62undle_name\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x16\n\x0e\x65ncoder_digest\x18\x04 \x01(\t\x12.\n\x0c\x66\x65\x61ture_spec\x18\x05 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\x12\x32\n\x10observation_spec\x18\x06 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\x12-\n\x0b\x61\x63tion_spec\x18\x07 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\"S\n\nActRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.splitedge.v1.Tensor\"d\n\x08\x41\x63tReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x14.splitedge.v1.Tensor\x12\x10\n\x08queue_us\x18\x03 \x01(\r\x12\x12\n\ncompute_us\x18\x04 \x01(\r*Y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05*6\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\r\n\tCODEC_PNG\x10\x01\x12\x0e\n\nCODEC_JPEG\x10\x02*$\n\x04Mode\x12\x0e\n\nMODE_SPLIT\x10\x00\x12\x0c\n\x08MODE_RAW\x10\x01\x32\xc3\x01\n\x06Policy\x12=\n\x05Hello\x12\x1a.splitedge.v1.HelloRequest\x1a\x18.splitedge.v1.HelloReply\x12\x37\n\x03\x41\x63t\x12\x18.splitedge.v1.ActRequest\x1a\x16.splitedge.v1.ActReply\x12\x41\n\tActStream\x12\x18.splitedge.v1.ActRequest\x1a\x16.splitedge.v1.ActReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/policy.proto\x12\x0csplitedge.v1\"\x90\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.splitedge.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x05\x12\"\n\x05\x63odec\x18\x06 \x01(\x0e\x32\x13.splitedge.v1.Codec\"b\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.splitedge.v1.DType\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x12\n\nzero_point\x18\x04 \x01(\x05\"\xb8\x01\n\x0cHelloRequest\x12\x13\n\x0b\x62undle_name\x18\x01 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x16\n\x0e\x65ncoder_digest\x18\x03 \x01(\t\x12.\n\x0c\x66\x65\x61ture_spec\x18\x04 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.splitedge.v1.Mode\x12\x11\n\tclient_id\x18\x06 \x01(\t\"\xf8\x01\n\nHelloReply\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x62undle_name\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x16\n\x0e\x65ncoder_digest\x18\x04 \x01(\t\x12.\n\x0c\x66\x65\x61ture_spec\x18\x05 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\x12\x32\n\x10observation_spec\x18\x06 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\x12-\n\x0b\x61\x63tion_spec\x18\x07 \x01(\x0b\x32\x18.splitedge.v1.TensorSpec\"\x84\x01\n\nActRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12#\n\x05input\x18\x03 \x01(\x0b\x32\x14.splitedge.v1.Tensor\x12/\n\x11\x61\x63tions_in_flight\x18\x04 \x01(\x0b\x32\x14.splitedge.v1.Tensor\"\x89\x01\n\x08\x41\x63tReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x14.splitedge.v1.Tensor\x12\x10\n\x08queue_us\x18\x03 \x01(\r\x12\x12\n\ncompute_us\x18\x04 \x01(\r\x12#\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x14.splitedge.v1.Tensor*Y\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05*6\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\r\n\tCODEC_PNG\x10\x01\x12\x0e\n\nCODEC_JPEG\x10\x02*$\n\x04Mode\x12\x0e\n\nMODE_SPLIT\x10\x00\x12\x0c\n\x08MODE_RAW\x10\x01\x32\xc3\x01\n\x06Policy\x12=\n\x05Hello\x12\x1a.splitedge.v1.HelloRequest\x1a\x18.splitedge.v1.HelloReply\x12\x37\n\x03\x41\x63t\x12\x18.splitedge.v1.ActRequest\x1a\x16.splitedge.v1.ActReply\x12\x41\n\tActStream\x12\x18.splitedge.v1.ActRequest\x1a\x16.splitedge.v1.ActReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=909
-  _globals['_DTYPE']._serialized_end=998
-  _globals['_CODEC']._serialized_start=1000
-  _globals['_CODEC']._serialized_end=1054
-  _globals['_MODE']._serialized_start=1056
-  _globals['_MODE']._serialized_end=1092
+  _globals['_DTYPE']._serialized_start=997
+  _globals['_DTYPE']._serialized_end=1086
+  _globals['_CODEC']._serialized_start=1088
+  _globals['_CODEC']._serialized_end=1142
+  _globals['_MODE']._serialized_start=1144
+  _globals['_MODE']._serialized_end=1180
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=182
   _globals['_TENSORSPEC']._serialized_start=184
@@ -45,10 +45,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREQUEST']._serialized_end=469
   _globals['_HELLOREPLY']._serialized_start=472
   _globals['_HELLOREPLY']._serialized_end=720
-  _globals['_ACTREQUEST']._serialized_start=722
-  _globals['_ACTREQUEST']._serialized_end=805
-  _globals['_ACTREPLY']._serialized_start=807
-  _globals['_ACTREPLY']._serialized_end=907
-  _globals['_POLICY']._serialized_start=1095
-  _globals['_POLICY']._serialized_end=1290
+  _globals['_ACTREQUEST']._serialized_start=723
+  _globals['_ACTREQUEST']._serialized_end=855
+  _globals['_ACTREPLY']._serialized_start=858
+  _globals['_ACTREPLY']._serialized_end=995
+  _globals['_POLICY']._serialized_start=1183
+  _globals['_POLICY']._serialized_end=1378
 # @@protoc_insertion_point(module_scope)

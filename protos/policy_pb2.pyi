@@ -101,23 +101,27 @@ class HelloReply(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., bundle_name: _Optional[str] = ..., bundle_version: _Optional[str] = ..., encoder_digest: _Optional[str] = ..., feature_spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., observation_spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., action_spec: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class ActRequest(_message.Message):
-    __slots__ = ("session_id", "step", "input")
+    __slots__ = ("session_id", "step", "input", "actions_in_flight")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     step: int
     input: Tensor
-    def __init__(self, session_id: _Optional[int] = ..., step: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    actions_in_flight: Tensor
+    def __init__(self, session_id: _Optional[int] = ..., step: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., actions_in_flight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ActReply(_message.Message):
-    __slots__ = ("step", "action", "queue_us", "compute_us")
+    __slots__ = ("step", "action", "queue_us", "compute_us", "chunk")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     step: int
     action: Tensor
     queue_us: int
     compute_us: int
-    def __init__(self, step: _Optional[int] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    chunk: Tensor
+    def __init__(self, step: _Optional[int] = ..., action: _Optional[_Union[Tensor, _Mapping]] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., chunk: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
