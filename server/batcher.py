@@ -3,7 +3,8 @@
 Callers `submit(sample)` and get a Future; one worker thread takes the first queued
 sample, gathers more until `max_batch` or until `max_delay_s` after that first
 sample arrived (0 = only what is already queued: natural batching, so a lone
-caller never waits), stacks them, calls `run_batch` once and hands each caller
+caller never waits), stacks them (each part apart when samples are tuples, for a model
+with several inputs), calls `run_batch` once and hands each caller
 its own row. If a batch fails, each sample is retried alone so the exception
 reaches only the futures whose samples caused it.
 """
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +31,7 @@ Result = tuple[np.ndarray, float, float]
 
 @dataclass
 class _Item:
-    sample: np.ndarray
+    sample: Any  # an array, or a tuple of arrays (one per model input)
     future: Future[Result]
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -42,7 +44,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        run_batch: Callable[[Any], np.ndarray],
         max_batch: int = 64,
         max_delay_s: float = 0.0,
         name: str = "batcher",
@@ -64,7 +66,7 @@ class DynamicBatcher:
         self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self._worker.start()
 
-    def submit(self, sample: np.ndarray) -> Future[Result]:
+    def submit(self, sample: Any) -> Future[Result]:
         """Queue one sample (no batch dim); the future resolves to (row, queue_s, compute_s)."""
         fut: Future[Result] = Future()
         with self._lock:  # so close() can never slip its stop marker in front of this item
@@ -156,8 +158,13 @@ class DynamicBatcher:
         else:
             it.future.set_result((rows[0], t0 - it.enqueued, time.perf_counter() - t0))
 
-    def _call(self, samples: list[np.ndarray]) -> np.ndarray:
-        x = np.stack(samples)  # (B, ...)
+    def _call(self, samples: list[Any]) -> np.ndarray:
+        # a sample is one array, or a tuple of them for a model with several inputs
+        x: Any = (
+            tuple(np.stack(part) for part in zip(*samples, strict=True))
+            if isinstance(samples[0], tuple)
+            else np.stack(samples)
+        )  # (B, ...) each
         t0 = time.perf_counter()
         try:
             out = np.asarray(self._run_batch(x))  # (B, ...)

@@ -29,6 +29,7 @@ from server.logs import events
 from server.loop_bridge import BatcherClosed, LoopBridge
 from server.metrics import Metrics
 from server.models import PolicyModels, Spec
+from server.realtime_io import history_sample, split_chunk
 from server.reaper import Reaper
 from server.sessions import Sessions, bundle_key
 from server.status import code_for
@@ -175,7 +176,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             action_spec=tensor_spec(m.action),
         )
 
-    def validate(self, request: pb.ActRequest) -> tuple[DynamicBatcher, np.ndarray, float]:
+    def validate(self, request: pb.ActRequest) -> tuple[DynamicBatcher, Any, float]:
         """Check a request against its session: (batcher, model sample, decode seconds)."""
         session = self.sessions.get(request.session_id)
         if not request.HasField("input"):
@@ -185,9 +186,11 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             sample, batcher = observation_sample(request.input, self.models.observation), self.full
         else:
             sample, batcher = features_sample(request.input, self.models.features), self.head
-        return batcher, sample, time.perf_counter() - t0  # decoding counts as compute (proto)
+        history = history_sample(request, self.models)  # a delay-aware head's second input
+        model_input: Any = sample if history is None else (sample, history)
+        return batcher, model_input, time.perf_counter() - t0  # decoding counts as compute
 
-    def submit(self, batcher: DynamicBatcher, sample: np.ndarray) -> Future[Result]:
+    def submit(self, batcher: DynamicBatcher, sample: Any) -> Future[Result]:
         """Queue one sample on its batcher (UNAVAILABLE once the server is closing)."""
         try:
             return batcher.submit(sample)
@@ -202,11 +205,13 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         self._queue_seconds[id(batcher)].observe(queue_s)
         with self._lock:
             self._decisions += 1
+        action, chunk = split_chunk(row, self.models)  # a chunking head answers H actions
         return pb.ActReply(
             step=request.step,
-            action=action_tensor(row),
+            action=action_tensor(action),
             queue_us=_micros(queue_s),
             compute_us=_micros(compute_s + decode_s),
+            chunk=chunk,
         )
 
     def decide(self, request: pb.ActRequest, time_remaining: float | None = None) -> pb.ActReply:
