@@ -19,14 +19,18 @@ from edge.realtime import age_summary
 from splitedge.output import table
 
 COLUMNS = [
-    "link", "mode", "clients", "control_hz", "p50_ms", "p95_ms", "age_p50", "age_p95",
+    "link", "mode", "clients", "control_hz", "strategy", "p50_ms", "p95_ms", "age_p50", "age_p95",
     "age_max", "stale_share", "unsent", "overruns", "episode_return", "episodes",
     "sync_return", "sync_episodes",
 ]  # fmt: skip
 EXPLAINED = (
     "Real time: the env steps every 1/control_hz s whatever the link does; each tick sends "
     "its observation and applies the newest action that has come back (held when none has; "
-    "the client's default action before the first of an episode). `p50_ms`/`p95_ms`: "
+    "the client's default action before the first of an episode). `strategy`: how the "
+    "bundle hides the link's latency: `hold` (a plain head), `delay-aware (history D)` (the "
+    "head also reads the last D actions, as the device knows them), or `chunk H` (the head "
+    "answers H actions and the device plays the newest chunk's action for each tick; the "
+    "age is then the ticks since that chunk's observation). `p50_ms`/`p95_ms`: "
     "decision latency, send to reply. `age_*`: ticks between the observation an action "
     "answered and the tick it was applied (nearest-rank percentiles). `stale_share`: ticks "
     "acting on an action at least one tick old, or on the default action (`default` in the "
@@ -52,7 +56,9 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ret, episodes = episode_return(
         [x for r in results for x in r["episode_returns"]], [r["partial_return"] for r in results]
     )
+    strategies = sorted({str(r.get("strategy", "hold")) for r in results})
     return {
+        "strategy": ", ".join(strategies) or "hold",
         **age_summary(ages),
         "unsent": sum(r["unsent"] for r in results),
         "overruns": sum(r["overruns"] for r in results),

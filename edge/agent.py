@@ -36,6 +36,7 @@ def run_loop(
     nothing per step (a long run's memory stays flat); on_record still sees every step."""
     env = env if env is not None else make_policy_env(client.bundle.policy, seed=seed)
     obs, _ = env.reset(seed=seed)
+    client.start_episode()  # a delay-aware head's history starts afresh, as in training
     result, ep_return, episode = LoopResult(), 0.0, 0
     t0 = time.perf_counter()
     for i in range(steps):
@@ -68,6 +69,7 @@ def run_loop(
             episode += 1
             ep_return = 0.0
             obs, _ = env.reset(seed=seed + episode)
+            client.start_episode()
         if on_step is not None:
             on_step(i)
     result.seconds = time.perf_counter() - t0

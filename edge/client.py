@@ -32,6 +32,7 @@ import numpy as np
 
 from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
+from edge.history import chunk_actions, history_tensor
 from edge.realtime import Reply, Sent
 from edge.tls_check import diagnose
 from edge.wire import DTYPES, encode_frame, features_tensor, from_tensor
@@ -39,6 +40,7 @@ from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
 from splitedge.bundle import Bundle, load_bundle
 from splitedge.errors import SplitedgeError
+from splitedge.realtime_spec import realtime_spec
 
 MODES = ("split", "raw", "raw-png", "raw-jpeg")
 GRPC_PREFIX = 5  # gRPC length-prefixed message header
@@ -238,6 +240,8 @@ class PolicyClient:
         if self.config.mode == "split" and self.encoder is None:
             self.encoder, self.encoder_reason = make_encoder(self.bundle, self.config.backend)
         self._last_action = self._initial_action()
+        self.realtime = realtime_spec(policy, f"bundle {self.bundle.root}")
+        self.start_episode()
         self._cond = threading.Condition()
         self._replies: queue.Queue[tuple[pb.ActReply, float]] = queue.Queue()  # for poll()
         self._reconnector: threading.Thread | None = None
@@ -254,6 +258,11 @@ class PolicyClient:
             high = np.asarray(self._action["high"], np.float32).reshape(a.shape)
             a = np.clip(a, low, high)
         return a
+
+    def start_episode(self) -> None:
+        """A new episode: act() tells a delay-aware head the default action for the ticks
+        before it (edge/history.py), as training did."""
+        self._recent = [self._initial_action()] * self.realtime.action_history
 
     @property
     def late_replies(self) -> int:
@@ -430,13 +439,16 @@ class PolicyClient:
         self.close()
 
     # -- acting -----------------------------------------------------------------------------
-    def act(self, frame: np.ndarray) -> Any:
-        """Decide on one uint8 (C, H, W) frame; returns the action (fallback on failure)."""
+    def act(self, frame: np.ndarray, actions_in_flight: list[Any] | None = None) -> Any:
+        """Decide on one uint8 (C, H, W) frame; returns the action (fallback on failure).
+        A delay-aware bundle's head is also sent `actions_in_flight` (default: the last
+        actions act() returned this episode; see start_episode)."""
         t0 = time.perf_counter()
         tensor = self._encode(frame)
+        history = self._history(self._recent if actions_in_flight is None else actions_in_flight)
         t1 = time.perf_counter()
         self._step += 1
-        request = pb.ActRequest(step=self._step, input=tensor)  # session set once connected
+        request = pb.ActRequest(step=self._step, input=tensor, actions_in_flight=history)
         d = Decision(action=None, encode_ms=(t1 - t0) * 1e3)
         try:
             reply = self._exchange(request, t0 + self.config.deadline_s)
@@ -456,6 +468,8 @@ class PolicyClient:
         d.total_ms = (time.perf_counter() - t0) * 1e3
         d.bytes_up = request.ByteSize() + GRPC_PREFIX
         self.last = d
+        if self._recent:
+            self._recent = [*self._recent[1:], d.action]
         return d.action
 
     # -- acting without waiting (edge/realtime.py) --------------------------------------------
@@ -465,20 +479,24 @@ class PolicyClient:
         that value in every component, clipped into the action space's bounds."""
         return self._initial_action()
 
-    def send(self, frame: np.ndarray) -> Sent | None:
+    def send(self, frame: np.ndarray, actions_in_flight: list[Any] | None = None) -> Sent | None:
         """Encode a frame and send it on the stream without waiting (rpc='stream' only); its
         reply comes from poll(). None when not connected (nothing sent; a reconnect starts).
-        Use either act() or send()/poll() on one client, not both."""
+        A delay-aware bundle needs `actions_in_flight` (edge/history.py). Use either act()
+        or send()/poll() on one client, not both."""
         if self.config.rpc != "stream":
             raise SplitedgeError("send() needs rpc='stream'; the real-time loop cannot use unary")
         t0 = time.perf_counter()
         tensor = self._encode(frame)
+        history = self._history(actions_in_flight)
         encode_ms = (time.perf_counter() - t0) * 1e3
         try:
             _, stream, session = self._wait_connected(time.perf_counter())  # never waits
             assert stream is not None
             self._step += 1
-            request = pb.ActRequest(step=self._step, session_id=session, input=tensor)
+            request = pb.ActRequest(
+                step=self._step, session_id=session, input=tensor, actions_in_flight=history
+            )
             stream.send(request, self._replies)
         except _Down:
             return None
@@ -495,7 +513,18 @@ class PolicyClient:
             action = self._decode_action(reply.action)
             queue_ms, compute_ms = reply.queue_us / 1e3, reply.compute_us / 1e3
             size = reply.ByteSize() + GRPC_PREFIX
-            out.append(Reply(reply.step, action, arrived, queue_ms, compute_ms, size))
+            chunk = chunk_actions(reply.chunk, self._action) if reply.HasField("chunk") else None
+            out.append(Reply(reply.step, action, arrived, queue_ms, compute_ms, size, chunk))
+
+    def _history(self, actions: list[Any] | None) -> pb.Tensor | None:
+        length = self.realtime.action_history
+        if not length:
+            if actions:
+                raise SplitedgeError("this bundle's head reads no actions in flight")
+            return None
+        if actions is None:
+            raise SplitedgeError(f"this bundle's head needs the last {length} actions in flight")
+        return history_tensor(actions, self._action, length)
 
     def _encode(self, frame: np.ndarray) -> pb.Tensor:
         if self.config.mode == "split":

@@ -18,6 +18,12 @@ no observation). At most max_in_flight requests are outstanding: a tick beyond t
 nothing (counted in `unsent`), so a link too slow for the rate gives old actions instead
 of an unbounded queue. After the last tick the loop waits up to drain_s for replies still
 in flight, for their latency only. The clock is injectable so tests run in exact ticks.
+
+Two bundles hide the link's latency (policy.realtime, splitedge/realtime_spec.py): a
+delay-aware head is sent, with each observation, the actions chosen for the ticks before
+it as far as the device knows them (edge/history.py); a chunking head answers H actions,
+which edge/chunks.py's ChunkPlayer plays from the newest chunk (replace, not blend), the
+age then being the ticks since the played chunk's observation.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edge.chunks import ChunkPlayer
+from edge.history import ActionHistory
 from edge.telemetry import StepRecord
 
 
@@ -70,6 +78,7 @@ class Reply:
     server_queue_ms: float = 0.0
     server_compute_ms: float = 0.0
     bytes_down: int = 0
+    chunk: list[Any] | None = None  # a chunking head's H actions, from the observation's tick
 
 
 class StreamingPolicy(Protocol):
@@ -78,7 +87,8 @@ class StreamingPolicy(Protocol):
     @property
     def default_action(self) -> Any: ...
 
-    def send(self, frame: Any) -> Sent | None: ...  # None: not connected, nothing sent
+    # None: not connected, nothing sent; actions_in_flight only for a delay-aware bundle
+    def send(self, frame: Any, actions_in_flight: list[Any] | None = None) -> Sent | None: ...
 
     def poll(self) -> list[Reply]: ...  # arrived since the last poll; never waits
 
@@ -102,6 +112,7 @@ class RealtimeResult:
     partial_return: float = 0.0  # of the episode still running at the last tick
     overruns: int = 0  # ticks that began a whole period or more after they were due
     unsent: int = 0  # ticks that sent nothing (max_in_flight reached, or not connected)
+    strategy: str = "hold"  # how the bundle hides latency (RealtimeSpec.describe())
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for a worker's report (the records go separately)."""
@@ -111,6 +122,7 @@ class RealtimeResult:
             "partial_return": self.partial_return,
             "overruns": self.overruns,
             "unsent": self.unsent,
+            "strategy": self.strategy,
         }
 
 
@@ -148,6 +160,12 @@ def run_realtime(
     default = policy.default_action
     held, held_from = default, None  # the action applied and its observation's tick
     episode, ep_return = 0, 0.0
+    spec = getattr(policy, "realtime", None)  # a bundle's latency hiding (None: plain)
+    depth = spec.action_history if spec is not None else 0
+    history = ActionHistory(depth, default) if depth else None
+    player = ChunkPlayer(default) if spec is not None and spec.chunk_length > 1 else None
+    if spec is not None:
+        result.strategy = spec.describe()
     obs, _ = env.reset(seed=seed)
 
     def collect() -> None:
@@ -157,7 +175,13 @@ def run_realtime(
             if p is None:
                 continue  # not sent by this loop (a warm-up decision's late reply)
             result.records.append(_answered(p, reply))
-            if p.episode == episode and (held_from is None or p.tick > held_from):
+            if p.episode != episode:
+                continue
+            if history is not None:
+                history.chosen(p.tick, reply.action)
+            if player is not None:
+                player.receive(p.tick, reply.chunk or [reply.action])
+            elif held_from is None or p.tick > held_from:
                 held, held_from = reply.action, p.tick
 
     t0 = clock.now()
@@ -168,13 +192,22 @@ def run_realtime(
             result.overruns += 1
         collect()  # first, so replies that came free slots for this tick's request
         sent_at = clock.now()
-        sent = policy.send(obs) if len(pending) < max_in_flight else None
+        sent = None
+        if len(pending) < max_in_flight:
+            if history is not None:
+                sent = policy.send(obs, history.window(k, held))
+            else:
+                sent = policy.send(obs)
         if sent is None:
             result.unsent += 1
         else:
             pending[sent.step] = _Pending(k, episode, sent_at, sent)
         collect()
-        result.ages.append(None if held_from is None else k - held_from)
+        if player is not None:
+            held = player.play(k)
+            result.ages.append(player.age)
+        else:
+            result.ages.append(None if held_from is None else k - held_from)
         obs, reward, terminated, truncated, _ = env.step(held)
         ep_return += float(reward)
         if terminated or truncated:
@@ -182,6 +215,10 @@ def run_realtime(
             episode, ep_return = episode + 1, 0.0
             obs, _ = env.reset(seed=seed + episode)
             held, held_from = default, None
+            if history is not None:
+                history.start_episode(k + 1)
+            if player is not None:
+                player.reset()
         if on_tick is not None:
             on_tick(k)
     result.partial_return = ep_return
