@@ -118,9 +118,9 @@ def build(
     if algo == "ppo":
         pk = {**extractor, "net_arch": NET_ARCH["ppo"]}
         # decays linearly to 0: PPO on CartPole collapses after solving otherwise
-        return PPO(
-            "CnnPolicy", venv, learning_rate=_linear(lr), policy_kwargs=pk, **common, **kwargs
-        )
+        # a Dict observation: the image with the actions in flight (models/realtime_training.py)
+        name = "MultiInputPolicy" if hasattr(venv.observation_space, "spaces") else "CnnPolicy"
+        return PPO(name, venv, learning_rate=_linear(lr), policy_kwargs=pk, **common, **kwargs)
     pk = {**extractor, "net_arch": NET_ARCH[algo], "share_features_extractor": False}
     kwargs.setdefault("buffer_size", 100_000)
     if algo == "sac":

@@ -9,7 +9,11 @@ edge/realtime.py's loop follows on the device, so training sees what deployment 
 
 The observation gains the last d_max actions the agent chose, oldest first, padded with
 the default action at an episode's start: the ones that may still be in flight, so the
-policy can know what it has already committed to.
+policy can know what it has already committed to. With `history="known"` each of them
+that has not arrived by the observation's tick is replaced by the newest action that has
+(the one being held; the default before any): what a device can tell a split policy's
+head, since a reply still on its way down holds the only copy (edge/history.py). Training
+for a real deployment uses "known"; "chosen" is the full information, for comparison.
 
 - Observations: Box (flattened, the actions appended, float32) or Dict (an
   "actions_in_flight" key of shape (d_max, action size) added); others are refused.
@@ -31,6 +35,7 @@ import numpy as np
 from deploy.link.profiles import LinkProfile
 
 IN_FLIGHT_KEY = "actions_in_flight"
+HISTORIES = ("chosen", "known")
 
 
 class DelayModel(Protocol):
@@ -93,9 +98,17 @@ class DelayedActions(gymnasium.Wrapper):  # type: ignore[type-arg]
     appended to its observation. info gains `action_delay_ticks` (this action's delay) and
     `applied_action_age` (ticks since the applied action was chosen; None: the default)."""
 
-    def __init__(self, env: gymnasium.Env, delay: DelayModel, seed: int | None = None):  # type: ignore[type-arg]
+    def __init__(
+        self,
+        env: gymnasium.Env,  # type: ignore[type-arg]
+        delay: DelayModel,
+        seed: int | None = None,
+        history: str = "chosen",
+    ):
         super().__init__(env)
-        self.delay, self.d_max = delay, int(delay.max_ticks)
+        if history not in HISTORIES:
+            raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
+        self.delay, self.d_max, self.history = delay, int(delay.max_ticks), history
         self._rng = np.random.default_rng(seed)
         act = env.action_space
         if isinstance(act, gymnasium.spaces.Discrete):
@@ -136,7 +149,9 @@ class DelayedActions(gymnasium.Wrapper):  # type: ignore[type-arg]
         self._tick = 0
         self._in_flight: list[tuple[int, int, Any]] = []  # (arrival tick, chosen tick, action)
         self._held, self._held_from = self.default_action, -1
-        self._chosen: deque[Any] = deque([self.default_action] * self.d_max, maxlen=self.d_max)
+        # (chosen tick, arrival tick, action); negative ticks: before the episode, the default
+        before = [(-1 - i, -1, self.default_action) for i in reversed(range(self.d_max))]
+        self._chosen: deque[tuple[int, int, Any]] = deque(before, maxlen=self.d_max)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
         """Reset the env; actions still in flight belong to the old episode and are dropped."""
@@ -158,7 +173,7 @@ class DelayedActions(gymnasium.Wrapper):  # type: ignore[type-arg]
             _, chosen, newest = max(arrived, key=lambda a: a[1])
             if chosen > self._held_from:
                 self._held, self._held_from = newest, chosen
-        self._chosen.append(action)
+        self._chosen.append((tick, tick + d, action))
         obs, reward, terminated, truncated, info = self.env.step(self._held)
         info = {
             **info,
@@ -175,9 +190,20 @@ class DelayedActions(gymnasium.Wrapper):  # type: ignore[type-arg]
             return hot
         return np.asarray(action, np.float32).reshape(-1)
 
+    def _window(self) -> list[Any]:
+        """The history the observation of the coming tick carries (see the module docstring)."""
+        if self.history == "chosen":
+            return [a for _, _, a in self._chosen]
+        now = self._tick  # the tick whose observation this is
+        fill, fill_from = self._held, self._held_from
+        for arrival, chosen, action in self._in_flight:  # arriving by now: the device has it
+            if arrival <= now and chosen > fill_from:
+                fill, fill_from = action, chosen
+        return [a if arrival <= now else fill for _, arrival, a in self._chosen]
+
     def _observe(self, obs: Any) -> Any:
         flight = np.zeros((self.d_max, self._width), np.float32)
-        for i, a in enumerate(self._chosen):
+        for i, a in enumerate(self._window()):
             flight[i] = self._encode(a)
         if isinstance(self.observation_space, gymnasium.spaces.Dict):
             return {**obs, IN_FLIGHT_KEY: flight}

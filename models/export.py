@@ -6,7 +6,9 @@ feature scale, the es2 activation scales and the self-check come from the user's
 a frames file, never from a task we guess. Before anything is written, the bundle's
 encoder + head (onnxruntime) must give `predict(deterministic=True)`'s actions: discrete
 identical, continuous within 1e-4. Features cross the wire as uint8 when that holds with
-a calibrated scale, else as float32 (said in the output and the manifest).
+a calibrated scale, else as float32 (said in the output and the manifest). A model
+trained to hide link latency (delay-aware or chunks) is exported with the changes
+models/realtime_export.py lists, and its manifest gains `policy.realtime`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,21 @@ from torch import nn
 
 from models.observations import Observations, gather
 from models.proof import describe, passes, prove, uint8_margin
+from models.realtime_export import (
+    HISTORY_INPUT,
+    HeadIO,
+    example_history,
+    gather_realtime,
+    read_delay_aware,
+    realtime_record,
+    spec_of,
+    tick_action_space,
+)
 from models.sb3_policy import Actor, check_split, load_model, predict, read_actor
 from splitedge import __version__, ir
 from splitedge.bundle import MANIFEST, write_manifest
 from splitedge.errors import SplitedgeError
+from splitedge.realtime_spec import RealtimeSpec
 
 OPSET = 17
 FEATURE_DTYPES = ("auto", "uint8", "float32")
@@ -58,19 +71,23 @@ class EncoderGraph(nn.Module):
 
 class HeadGraph(nn.Module):
     """features (B, F) -> predict(deterministic=True)'s action: argmax int64 (B,) for a
-    discrete space, float32 (B, n) in the Box's bounds for a continuous one."""
+    discrete space, float32 (B, n) in the Box's bounds for a continuous one; a delay-aware
+    head also reads the actions in flight, a chunking one answers (B, H, ...)."""
 
-    def __init__(self, actor: Actor, enc_ir: ir.EncoderIR):
+    def __init__(self, actor: Actor, enc_ir: ir.EncoderIR, io: HeadIO):
         super().__init__()
-        self.post, self.head = actor.post, actor.head
+        self.post, self.head, self.io = actor.post, actor.head, io
         self.dequantise = enc_ir.output_dtype == "uint8"
         self.scale, self.zero_point = enc_ir.output_scale, enc_ir.output_zero_point
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         f = features.to(torch.float32)
         if self.dequantise:
             f = (f - self.zero_point) * self.scale
-        return self.head(self.post(f))
+        x = self.post(f)
+        if history is not None:  # after the features, as InFlightExtractor appends them
+            x = torch.cat([x, self.io.encode_history(history)], dim=1)
+        return self.io.shape_output(self.head(x))
 
 
 class FullGraph(nn.Module):
@@ -80,21 +97,24 @@ class FullGraph(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, head
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(obs))
+    def forward(self, obs: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encoder(obs), history)
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str]) -> None:
+def _export(
+    module: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, names: tuple[str, ...]
+) -> None:
+    """`module` on `examples` to ONNX: inputs named names[:-1], the output names[-1]."""
     module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (example,),
+            examples,
             str(path),
-            input_names=[names[0]],
-            output_names=[names[1]],
-            dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
+            input_names=list(names[:-1]),
+            output_names=[names[-1]],
+            dynamic_axes={name: {0: "batch"} for name in names},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -139,14 +159,19 @@ def _encoder_ir(actor: Actor, dtype: str, frames: np.ndarray) -> ir.EncoderIR:
     return replace(base, extra={**base.extra, EXTRA_KEY: scales})
 
 
-def _write_onnx(actor: Actor, enc_ir: ir.EncoderIR, out: Path) -> None:
-    enc, head = EncoderGraph(actor, enc_ir), HeadGraph(actor, enc_ir)
+def _write_onnx(
+    actor: Actor, enc_ir: ir.EncoderIR, out: Path, spec: RealtimeSpec, tick_space: Any
+) -> None:
+    enc, head = EncoderGraph(actor, enc_ir), HeadGraph(actor, enc_ir, HeadIO(spec, tick_space))
     feat_dtype = torch.uint8 if enc_ir.output_dtype == "uint8" else torch.float32
     obs = torch.zeros((1, enc_ir.channels, enc_ir.height, enc_ir.width), dtype=torch.uint8)
     feat = torch.zeros((1, enc_ir.feature_count), dtype=feat_dtype)
-    _export(enc, obs, out / "encoder.onnx", ("observation", "features"))
-    _export(head, feat, out / "head.onnx", ("features", "action"))
-    _export(FullGraph(enc, head), obs, out / "full.onnx", ("observation", "action"))
+    history = example_history(spec, tick_space)
+    extra, names = ((history,), (HISTORY_INPUT,)) if history is not None else ((), ())
+    _export(enc, (obs,), out / "encoder.onnx", ("observation", "features"))
+    _export(head, (feat, *extra), out / "head.onnx", ("features", *names, "action"))
+    full = FullGraph(enc, head)
+    _export(full, (obs, *extra), out / "full.onnx", ("observation", *names, "action"))
 
 
 def _action_spec(space: Any) -> dict[str, Any]:
@@ -208,18 +233,35 @@ def export_policy(
         raise SplitedgeError(f"--features {features!r}: choose one of {', '.join(FEATURE_DTYPES)}")
     say = report.append if report is not None else (lambda _line: None)
     model, algo = load_model(model_zip, algo)
-    actor = read_actor(model, algo)
     result_path = model_zip.parent / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    record = realtime_record(model, result)  # None: a plain policy
+    spec = spec_of(record)
+    actor = read_delay_aware(model, algo) if spec.action_history else read_actor(model, algo)
+    tick_space = tick_action_space(model, spec)
     task = result.get("config", {}).get("task")
-    data: Observations = gather(model, env or task, env_kwargs, frames)
+    extra: dict[str, np.ndarray] = {}
+    if record is not None and frames is None:
+        if not (env or task):
+            raise SplitedgeError("export needs the model's env: pass --env ID_OR_ENTRY_POINT")
+        data, extra, check_obs = gather_realtime(
+            model, str(env or task), dict(env_kwargs or {}), record, tick_space
+        )
+    elif spec.action_history:
+        raise SplitedgeError(
+            "a delay-aware model needs rollouts in its env for the actions in flight; pass "
+            "--env instead of --frames"
+        )
+    else:
+        data = gather(model, env or task, env_kwargs, frames)
+        check_obs = data.check
     split_err = check_split(actor, data.calibration)
     if split_err > 1e-4:
         raise SplitedgeError(
             f"{actor.extractor_name}.forward is not its conv stack followed by its other layers "
             f"(max |diff| {split_err:.3g}); export cannot cut it exactly"
         )
-    want = predict(model, data.check)
+    want = predict(model, check_obs)
     weights = actor.encoder.weights()
     tries = ["uint8", "float32"] if features == "auto" else [features]
     stage = _stage_dir(out)
@@ -231,8 +273,8 @@ def export_policy(
                 if not safe:
                     say(f"features uint8: {detail}")
                     continue
-            _write_onnx(actor, enc_ir, stage)
-            agreement = prove(stage, enc_ir, weights, data.check, want, model.action_space)
+            _write_onnx(actor, enc_ir, stage, spec, tick_space)
+            agreement = prove(stage, enc_ir, weights, data.check, want, tick_space, extra)
             if passes(agreement):
                 break
             say(f"features {dtype}: {describe(agreement)} agree with predict")
@@ -248,6 +290,9 @@ def export_policy(
         if check is not None:  # a device profile's limits: refuse before anything is published
             say(check(stage))
         manifest = _manifest(actor, enc_ir, weights, name, version, result, task, data, agreement)
+        manifest["policy"]["action"] = _action_spec(tick_space)  # one tick's, chunk or not
+        if record is not None:
+            manifest["policy"]["realtime"] = spec.to_manifest()
         manifest = write_manifest(stage, manifest)
         _publish(stage, out)
     finally:

@@ -32,14 +32,20 @@ def count_params(module: nn.Module) -> int:
 def policy_costs(model: Any, algo: str, encoder: str) -> dict[str, Any]:
     """Device/server FLOPs, parameters and bytes per decision for a trained SB3 model."""
     policy = model.policy
-    obs_shape = tuple(int(d) for d in model.observation_space.shape)
+    space = model.observation_space
     enc = actor_encoder(algo, policy)
     head = actor_head(algo, policy)
+    history = 0
+    if hasattr(space, "spaces"):  # delay-aware: the device encodes the image, the head also
+        space, history = space["image"], enc.history_dim  # reads the actions in flight
+        enc = enc.image
+    obs_shape = tuple(int(d) for d in space.shape)
     obs = torch.rand((1, *obs_shape))  # (1, C, H, W) in [0, 1], as SB3 feeds the encoder
     was_training = policy.training
     policy.set_training_mode(False)
     features = enc(obs)  # (1, F)
-    enc_flops, head_flops = count_flops(enc, obs), count_flops(head, features)
+    head_in = torch.cat([features, torch.zeros((1, history))], dim=1)  # (1, F + history)
+    enc_flops, head_flops = count_flops(enc, obs), count_flops(head, head_in)
     policy.set_training_mode(was_training)
     features_dim = int(features.shape[1])
     split = ENCODERS[encoder].split

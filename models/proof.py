@@ -92,8 +92,10 @@ def prove(
     obs: np.ndarray,
     want: np.ndarray,
     action_space: Any,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Agreement of the bundle's ort split, ort full graph and es2 reference with predict."""
+    """Agreement of the bundle's ort split, ort full graph and es2 reference with predict;
+    `extra`: more head (and full) inputs by name, e.g. a delay-aware head's actions in flight."""
     import onnxruntime as ort
 
     def session(name: str) -> Any:
@@ -101,13 +103,17 @@ def prove(
 
     discrete = hasattr(action_space, "n")
     enc, head, full = session("encoder.onnx"), session("head.onnx"), session("full.onnx")
+    more = dict(extra or {})
     feats = enc.run(None, {"observation": obs})[0]
     es2 = _es2_features(enc_ir, weights, obs).astype(feats.dtype)
     return {
-        "ort": _compare(head.run(None, {"features": feats})[0], want, discrete),
-        "full": _compare(full.run(None, {"observation": obs})[0], want, discrete),
+        "ort": _compare(head.run(None, {"features": feats, **more})[0], want, discrete),
+        "full": _compare(full.run(None, {"observation": obs, **more})[0], want, discrete),
         "es2_reference": _compare(
-            head.run(None, {"features": es2})[0], want, discrete, es2_tolerance(action_space)
+            head.run(None, {"features": es2, **more})[0],
+            want,
+            discrete,
+            es2_tolerance(action_space),
         ),
     }
 

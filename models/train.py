@@ -16,7 +16,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from edge.envs import make_env, tasks
 from models.algos import ALGOS, DISCRETE_ALGOS, build
-from models.baselines import ENCODERS, policy_kwargs
+from models.baselines import ENCODERS
+from models.realtime_training import extractor_kwargs, resolve, wrap_env
 
 LEARNING_RATE = {"ppo": 3e-4, "sac": 1e-3, "ddpg": 5e-4}
 N_ENVS = {"ppo": 8, "sac": 1, "ddpg": 1}
@@ -34,6 +35,11 @@ class TrainConfig:
     :param learning_rate: None: the algorithm's default (PPO's decays linearly to 0)
     :param hyper: overrides of the algorithm's SB3 keyword arguments
     :param threads: torch intra-op threads (1 lets runs share a small machine)
+    :param delay_profile: a link profile (deploy/links.toml or `links_file`): train for its
+        delay, delay-aware (models/realtime_training.py); None: no link delay
+    :param links_file: the TOML file `delay_profile` is read from (None: deploy/links.toml)
+    :param chunk: actions per answer (> 1: action chunks; continuous actions only)
+    :param control_hz: the control rate the delay is counted in (None: the env's own)
     """
 
     task: str = "cartpole-pixels"
@@ -47,6 +53,12 @@ class TrainConfig:
     threads: int = 1
     eval_episodes: int = 20
     random_episodes: int = 100
+    delay_profile: str | None = None
+    links_file: str | None = None
+    chunk: int = 1
+    control_hz: float | None = None
+    # resolved from the four above: what result.json and the bundle record (None: plain)
+    realtime: dict[str, Any] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -69,6 +81,10 @@ class TrainConfig:
             raise ValueError(
                 f"task {self.task!r} has {kind} actions, which {self.algo} cannot drive"
             )
+        self.realtime = resolve(
+            self.task, self.encoder, discrete, self.delay_profile, self.links_file,
+            self.chunk, self.control_hz,
+        )  # fmt: skip
 
 
 class EpisodeCurve(BaseCallback):
@@ -100,8 +116,10 @@ def build_model(cfg: TrainConfig) -> Any:
     """An SB3 model for the config: its algorithm with the chosen encoder as features extractor."""
     from stable_baselines3.common.env_util import make_vec_env
 
-    venv = make_vec_env(lambda: make_env(cfg.task), n_envs=cfg.n_envs, seed=cfg.seed)
-    extractor = policy_kwargs(cfg.encoder, venv.observation_space)
+    venv = make_vec_env(
+        lambda: wrap_env(make_env(cfg.task), cfg.realtime), n_envs=cfg.n_envs, seed=cfg.seed
+    )
+    extractor = extractor_kwargs(cfg.encoder, venv.observation_space)
     assert cfg.learning_rate is not None  # resolved in __post_init__
     return build(cfg.algo, venv, extractor, cfg.learning_rate, cfg.seed, cfg.hyper)
 
@@ -122,12 +140,17 @@ def evaluate(policy: Any, task: str, episodes: int, seed: int) -> list[float]:
     return returns
 
 
-def evaluate_model(model: Any, task: str, episodes: int, seed: int) -> list[float]:
-    """Deterministic returns of a trained model over `episodes` episodes (10 envs batched)."""
+def evaluate_model(
+    model: Any, task: str, episodes: int, seed: int, realtime: dict[str, Any] | None = None
+) -> list[float]:
+    """Deterministic returns of a trained model over `episodes` episodes (10 envs batched),
+    in the env as it trained (under its link's delay when `realtime` says so)."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
 
-    venv = make_vec_env(lambda: make_env(task), n_envs=min(10, episodes), seed=seed)
+    venv = make_vec_env(
+        lambda: wrap_env(make_env(task), realtime), n_envs=min(10, episodes), seed=seed
+    )
     rewards, _ = evaluate_policy(
         model, venv, n_eval_episodes=episodes, deterministic=True, return_episode_rewards=True
     )
@@ -158,7 +181,7 @@ def train(
     model.save(out / "model.zip")
     returns = [r for _, r in curve.points]
     final = returns[-100:]
-    det = evaluate_model(model, cfg.task, cfg.eval_episodes, cfg.seed + 10_000)
+    det = evaluate_model(model, cfg.task, cfg.eval_episodes, cfg.seed + 10_000, cfg.realtime)
     rnd = evaluate(None, cfg.task, cfg.random_episodes, cfg.seed + 20_000)
     result = {
         "config": asdict(cfg),
@@ -173,6 +196,7 @@ def train(
         "random_policy_mean_return": float(np.mean(rnd)),
         "costs": policy_costs(model, cfg.algo, cfg.encoder),
         "es2_activation_quant": es2.scales if es2 is not None else None,
+        "realtime": cfg.realtime,
         "curve": {"steps": [s for s, _ in curve.points], "returns": returns},
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -50,6 +50,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"run directory (default: {DEFAULT_RUNS}/<task>-<algo>-<encoder>-s<seed>)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    p.add_argument(
+        "--delay-profile",
+        default=None,
+        metavar="LINK",
+        help="train for a slow link: actions reach the env late by the link's round trip in "
+        "control ticks (jitter included), and the policy reads the actions still in flight "
+        "next to its features (a delay-aware head); with --chunk, chunks are played as the "
+        "device plays them under that delay (default: no delay)",
+    )
+    p.add_argument(
+        "--links-file",
+        default=None,
+        help="TOML file of link profiles for --delay-profile, as measure takes (default: "
+        "deploy/links.toml)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=1,
+        metavar="H",
+        help="the head answers each observation with the next H actions (sac/ddpg only); "
+        "without --delay-profile they are trained as open-loop macro-actions (default: 1)",
+    )
+    p.add_argument(
+        "--control-hz",
+        type=float,
+        default=None,
+        help="control rate for --delay-profile/--chunk (default: the env's own, from its dt "
+        "or tau)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -70,10 +100,16 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             timesteps=args.timesteps,
             threads=args.threads,
+            delay_profile=args.delay_profile,
+            links_file=args.links_file,
+            chunk=args.chunk,
+            control_hz=args.control_hz,
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
-    out = args.out or DEFAULT_RUNS / f"{cfg.task}-{cfg.algo}-{cfg.encoder}-s{cfg.seed}"
+    out = (
+        args.out or DEFAULT_RUNS / f"{cfg.task}-{cfg.algo}-{cfg.encoder}{_suffix(cfg)}-s{cfg.seed}"
+    )
     argv = getattr(args, "argv", None)
     command = " ".join(shlex.quote(a) for a in ["splitedge", *argv]) if argv else None
     result = train(cfg, out, progress=not args.no_progress, command=command)
@@ -91,8 +127,27 @@ def run(args: argparse.Namespace) -> int:
         {"metric": k, "value": costs[k]}
         for k in ("encoder_params", "encoder_flops", "server_flops", "feature_bytes_per_step")
     ]
+    if cfg.realtime is not None:
+        rows.append({"metric": "latency_hiding", "value": _strategy(cfg.realtime)})
     text = table(rows, title=f"trained {cfg.algo} + {cfg.encoder} on {cfg.task} -> {out}")
     if args.json:
         result = {k: v for k, v in result.items() if k != "curve"} | {"out": str(out)}
     emit(result, args.json, text)
     return 0
+
+
+def _suffix(cfg: object) -> str:
+    """-<link> and/or -chunk<H> in the default run directory's name."""
+    link = getattr(cfg, "delay_profile", None)
+    chunk = getattr(cfg, "chunk", 1)
+    return (f"-{link}" if link else "") + (f"-chunk{chunk}" if chunk > 1 else "")
+
+
+def _strategy(record: dict[str, object]) -> str:
+    """e.g. 'delay-aware, history 7 at 20 Hz (3g)' or 'chunk 8 (device play) at 20 Hz (3g)'."""
+    where = f" at {record['control_hz']:g} Hz" + (
+        f" ({record['link']})" if "link" in record else ""
+    )
+    if record["strategy"] == "chunk":
+        return f"chunk {record['chunk_length']} ({record['chunk_play']} play){where}"
+    return f"delay-aware, history {record['action_history']}{where}"
