@@ -109,3 +109,14 @@ def test_the_loop_sends_what_the_device_knows(episode_len: int, sent: list[list[
     policy = HistoryPolicy(clock, [2, 1, 2, 0, 1])
     run_realtime(policy, TickEnv(episode_len), 0.25, 5, clock=clock)
     assert policy.histories == sent
+
+
+def test_real_time_rows_name_the_strategy() -> None:
+    from deploy.realtime_report import COLUMNS, summarise
+
+    clock = FakeClock()
+    result = run_realtime(ChunkPolicy(clock, [1] * 4), TickEnv(), 0.25, 4, clock=clock)
+    row = summarise([result.as_dict()])
+    assert row["strategy"] == "chunk 3" and "strategy" in COLUMNS
+    plain = run_realtime(ScriptedPolicy(clock, [1] * 4), TickEnv(), 0.25, 4, clock=clock)
+    assert summarise([plain.as_dict()])["strategy"] == "hold"

@@ -28,7 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stack (the device part) and build a bundle: encoder IR + weights, encoder/head/full "
         "ONNX, manifest with the sha256 of every file. Observations of your env (or a frames "
         "file) calibrate the feature scale, and the bundle must act like the model's "
-        "predict(deterministic=True) on 200 of them before anything is written.",
+        "predict(deterministic=True) on 200 of them before anything is written. A model "
+        "trained with `splitedge train --delay-profile/--chunk` is exported with its "
+        "latency hiding (policy.realtime, read from result.json beside the model): a head "
+        "that also reads the actions in flight, or answers H actions.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

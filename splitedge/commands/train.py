@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         default=None,
-        help=f"run directory (default: {DEFAULT_RUNS}/<task>-<algo>-<encoder>-s<seed>)",
+        help=f"run directory (default: {DEFAULT_RUNS}/<task>-<algo>-<encoder>[-<link>]"
+        "[-chunk<H>]-s<seed>)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument(
@@ -71,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         metavar="H",
         help="the head answers each observation with the next H actions (sac/ddpg only); "
-        "without --delay-profile they are trained as open-loop macro-actions (default: 1)",
+        "without --delay-profile they are trained as open-loop macro-actions, each "
+        "--timesteps step then H ticks (default: 1)",
     )
     p.add_argument(
         "--control-hz",
