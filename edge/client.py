@@ -32,7 +32,7 @@ import numpy as np
 
 from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
-from edge.history import chunk_actions, history_tensor
+from edge.history import chunk_actions, request_history
 from edge.realtime import Reply, Sent
 from edge.tls_check import diagnose
 from edge.wire import DTYPES, encode_frame, features_tensor, from_tensor
@@ -445,7 +445,8 @@ class PolicyClient:
         actions act() returned this episode; see start_episode)."""
         t0 = time.perf_counter()
         tensor = self._encode(frame)
-        history = self._history(self._recent if actions_in_flight is None else actions_in_flight)
+        recent = self._recent if actions_in_flight is None else actions_in_flight
+        history = request_history(recent, self._action, self.realtime.action_history)
         t1 = time.perf_counter()
         self._step += 1
         request = pb.ActRequest(step=self._step, input=tensor, actions_in_flight=history)
@@ -488,7 +489,7 @@ class PolicyClient:
             raise SplitedgeError("send() needs rpc='stream'; the real-time loop cannot use unary")
         t0 = time.perf_counter()
         tensor = self._encode(frame)
-        history = self._history(actions_in_flight)
+        history = request_history(actions_in_flight, self._action, self.realtime.action_history)
         encode_ms = (time.perf_counter() - t0) * 1e3
         try:
             _, stream, session = self._wait_connected(time.perf_counter())  # never waits
@@ -515,16 +516,6 @@ class PolicyClient:
             size = reply.ByteSize() + GRPC_PREFIX
             chunk = chunk_actions(reply.chunk, self._action) if reply.HasField("chunk") else None
             out.append(Reply(reply.step, action, arrived, queue_ms, compute_ms, size, chunk))
-
-    def _history(self, actions: list[Any] | None) -> pb.Tensor | None:
-        length = self.realtime.action_history
-        if not length:
-            if actions:
-                raise SplitedgeError("this bundle's head reads no actions in flight")
-            return None
-        if actions is None:
-            raise SplitedgeError(f"this bundle's head needs the last {length} actions in flight")
-        return history_tensor(actions, self._action, length)
 
     def _encode(self, frame: np.ndarray) -> pb.Tensor:
         if self.config.mode == "split":

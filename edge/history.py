@@ -67,6 +67,20 @@ def history_tensor(actions: Sequence[Any], action: dict[str, Any], length: int) 
     return to_tensor(np.asarray(actions, "<f4").reshape(length, *shape))
 
 
+def request_history(
+    actions: Sequence[Any] | None, action: dict[str, Any], length: int
+) -> pb.Tensor | None:
+    """ActRequest.actions_in_flight for a head that reads `length` actions (None at 0);
+    refuses actions given to a head that reads none, or none given to one that does."""
+    if not length:
+        if actions:
+            raise SplitedgeError("this bundle's head reads no actions in flight")
+        return None
+    if actions is None:
+        raise SplitedgeError(f"this bundle's head needs the last {length} actions in flight")
+    return history_tensor(actions, action, length)
+
+
 def chunk_actions(chunk: pb.Tensor, action: dict[str, Any]) -> list[Any]:
     """ActReply.chunk as a list of H actions (ints for discrete, float32 arrays otherwise)."""
     a = from_tensor(chunk)

@@ -97,3 +97,16 @@ def test_device_history_builds_the_same_lists() -> None:
 def test_history_mode_is_checked() -> None:
     with pytest.raises(ValueError, match="history must be one of"):
         DelayedActions(Recorder(gymnasium.spaces.Discrete(2)), Scripted([], 1), history="x")
+
+
+def test_request_history_matches_the_head() -> None:
+    from edge.history import request_history
+
+    discrete = {"type": "discrete", "n": 2}
+    assert request_history(None, discrete, 0) is None
+    with pytest.raises(SplitedgeError, match="reads no actions in flight"):
+        request_history([1], discrete, 0)
+    with pytest.raises(SplitedgeError, match="needs the last 2 actions in flight"):
+        request_history(None, discrete, 2)
+    t = request_history([1, 0], discrete, 2)
+    assert t is not None and from_tensor(t).tolist() == [[1], [0]]
