@@ -219,6 +219,18 @@ def test_device_client_and_loop(delay_served: Served, chunk_served: Served) -> N
     assert result.strategy == "chunk 4" and len(result.records) == 10 - result.unsent
 
 
+def test_delay_eval_plays_each_strategy(
+    delay_bundle: Path, chunk_bundle: Path, links: Path
+) -> None:
+    from models.delay_eval import evaluate_bundle
+
+    for bundle, strategy in ((delay_bundle, f"delay-aware (history {HISTORY})"),
+                             (chunk_bundle, f"chunk {CHUNK}")):  # fmt: skip
+        result = evaluate_bundle(bundle, "rt-test", links, episodes=1)
+        assert result["strategy"] == strategy and result["delay_ticks_max"] == HISTORY
+        assert len(result["returns"]) == 1 and math.isfinite(result["mean_return"])
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
