@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from deploy.iqm import iqm_interval
+
 ENCODER_ORDER = ("miniconv", "miniconv-es2", "naturecnn")
 SPLIT_ENCODERS = ("miniconv", "miniconv-es2")
 BASELINE = "naturecnn"
@@ -61,6 +63,10 @@ between stacked frames, as with a camera.
   fewer than 100 episodes (Pendulum: 200-step episodes) it is the mean over all of
   them, early random ones included; the table's steps column shows the budget.
 - **eval return**: the trained policy, deterministic, over 20 fresh episodes.
+- **IQM [95% CI]**: the interquartile mean across seeds (the mean of the middle half of
+  the runs) with its 95% stratified-bootstrap confidence interval (`rliable`, 2,000
+  resamples), as "Deep RL at the edge of the statistical precipice" recommends: with
+  3 seeds the interval is wide, and that is the point; a single seed is a point.
 - **random**: uniform random actions, 100 episodes.
 - FLOPs: 2 per multiply-accumulate of conv and linear layers (torch's FlopCounterMode;
   biases, ReLU and pooling not counted), one observation. Device FLOPs: the encoder.
@@ -97,13 +103,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def cell_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One table row's numbers for the seeds of a cell."""
-    final = mean_std([r["final_100_mean_return"] for r in runs])
-    det = mean_std([r["deterministic_eval_mean_return"] for r in runs])
+    finals = [r["final_100_mean_return"] for r in runs]
+    evals = [r["deterministic_eval_mean_return"] for r in runs]
     costs = runs[0]["costs"]
     return {
         "seeds": sorted(r["config"]["seed"] for r in runs),
-        "final": final,
-        "eval": det,
+        "final": mean_std(finals),
+        "eval": mean_std(evals),
+        "final_iqm": iqm_interval(finals),
+        "eval_iqm": iqm_interval(evals),
         "random": float(np.mean([r["random_policy_mean_return"] for r in runs])),
         "timesteps": int(np.mean([r["timesteps"] for r in runs])),
         "episodes_in_final": int(np.min([r["final_100_episodes"] for r in runs])),
@@ -124,10 +132,11 @@ def _flops(n: int) -> str:
 def results_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
     """Markdown table: returns and per-decision costs for every cell."""
     lines = [
-        "| task | algo | encoder | seeds | final-100 return | eval return (deterministic) "
+        "| task | algo | encoder | seeds | final-100 return | final-100 IQM [95% CI] "
+        "| eval return (deterministic) | eval IQM [95% CI] "
         "| random | steps | min/run | encoder params | device FLOPs | server FLOPs/request "
         "| bytes sent/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (task, algo, enc), s in cells.items():
         c = s["costs"]
@@ -142,7 +151,8 @@ def results_table(cells: dict[tuple[str, str, str], dict[str, Any]]) -> list[str
         few = f" (all {n} episodes)" if n < 100 else ""
         lines.append(
             f"| {task} | {algo} | {enc} | {len(s['seeds'])} | {_pm(s['final'])}{few} "
-            f"| {_pm(s['eval'])} | {s['random']:.1f} | {s['timesteps']} | {s['minutes']:.1f} "
+            f"| {s['final_iqm'].text()} | {_pm(s['eval'])} | {s['eval_iqm'].text()} "
+            f"| {s['random']:.1f} | {s['timesteps']} | {s['minutes']:.1f} "
             f"| {c['encoder_params']} | {device} | {_flops(c['server_flops'])} | {sent} |"
         )
     return lines
