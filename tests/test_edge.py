@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -122,23 +123,32 @@ def test_fixed_fallback_action_when_server_goes_away(tiny_bundle: Path) -> None:
         assert results == [0] * 5 and client.fallbacks == 5
 
 
-def test_edge_run_command_without_torch(tiny_bundle: Path) -> None:
+def test_edge_run_command_without_torch(tiny_bundle: Path, tmp_path: Path) -> None:
     from deploy.server_process import ServerProcess
 
+    outs = []
     with ServerProcess(tiny_bundle) as srv:
-        code = NO_TORCH + (
-            "from splitedge.cli import main;"
-            f"raise SystemExit(main(['edge', 'run', '--bundle', {str(tiny_bundle)!r}, '--server', "
-            f"{srv.address!r}, '--steps', '40', '--json']))"
-        )
-        r = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-        )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+        for run in ("a", "b"):
+            code = NO_TORCH + (
+                "from splitedge.cli import main;"
+                f"raise SystemExit(main(['edge', 'run', '--bundle', {str(tiny_bundle)!r}, "
+                f"'--server', {srv.address!r}, '--steps', '40', '--json', "
+                f"'--actions-out', {str(tmp_path / run)!r}]))"
+            )
+            r = subprocess.run(
+                [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+            )
+            assert r.returncode == 0, r.stderr
+            outs.append(json.loads(r.stdout))
+    out = outs[0]
     assert out["steps"] == 40 and out["fallbacks"] == 0
     assert 0 < out["peak_rss_mb"] < 400  # a Pi Zero 2 W has 512 MB in all
     assert out["bytes_up"] < 200 < 6912  # features, not frames
+    # the action log: one action per step, its digest the file's; the same seed, the same run
+    lines = (tmp_path / "a").read_text().splitlines()
+    assert len(lines) == 40 and {json.loads(x) for x in lines} <= {0, 1}
+    assert out["actions_sha256"] == hashlib.sha256((tmp_path / "a").read_bytes()).hexdigest()
+    assert outs[1]["actions_sha256"] == out["actions_sha256"]
 
 
 def test_concurrent_threads_can_share_nothing_but_the_bundle(tiny_bundle: Path) -> None:

@@ -70,6 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_client_options(r)
     r.add_argument(
+        "--actions-out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write every action the env was stepped with, one JSON value per line, to "
+        "compare two devices' runs (the result always shows the sequence's actions_sha256)",
+    )
+    r.add_argument(
         "--json", action="store_true", help="print the result as JSON instead of a table"
     )
     r.set_defaults(func=run)
@@ -95,6 +103,7 @@ def check_profile(name: str, bundle_root: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge.action_log import ActionLog
     from edge.agent import run_loop
     from edge.client import ClientConfig, PolicyClient, Unauthenticated
     from edge.envs import make_policy_env, policy_env_spec
@@ -106,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     fits = check_profile(args.profile, bundle.root) if args.profile else None
     kwargs = env_kwargs(args.env_kwargs)
-    env = make_policy_env(bundle.policy, args.env, kwargs, seed=args.seed)
+    if args.actions_out is not None and not args.actions_out.parent.is_dir():
+        raise SplitedgeError(f"--actions-out: no folder {args.actions_out.parent}")
+    env = ActionLog(make_policy_env(bundle.policy, args.env, kwargs, seed=args.seed))
     cfg = ClientConfig(
         server=args.server,
         mode=args.mode,
@@ -129,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             result = run_loop(client, args.steps, seed=args.seed, env=env)
         finally:
             env.close()
+    if args.actions_out is not None:
+        env.write(args.actions_out)
     summary = summarise(result.records)
     out = {
         "bundle": f"{bundle.name} {bundle.version}",
@@ -142,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if result.episode_returns
         else None,
         "reconnects": client.reconnects,
+        "actions_sha256": env.digest,
         "decisions_per_s": args.steps / result.seconds,
         "peak_rss_mb": peak_rss_mb(),
         **({"profile": fits} if fits else {}),
