@@ -27,7 +27,7 @@ from edge.envs import bundle_env, make_env
 from edge.realtime import declared_rate_hz
 from models.chunk_wrapper import ChunkedActions
 from models.delay_wrapper import IN_FLIGHT_KEY, DelayedActions, LinkDelay
-from models.realtime_training import IMAGE_KEY, ImageDict
+from models.realtime_training import DELAY_EXTRA_MS, IMAGE_KEY, ImageDict
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
 from splitedge.onnx import cpu_session
@@ -43,6 +43,7 @@ def evaluate_bundle(
     episodes: int = 20,
     seed: int = EVAL_SEED,
     control_hz: float | None = None,
+    extra_ms: float = DELAY_EXTRA_MS,
 ) -> dict[str, Any]:
     """Mean and per-episode returns of the bundle under `link`'s delay (see module doc)."""
     bundle = load_bundle(bundle_path)
@@ -52,7 +53,7 @@ def evaluate_bundle(
     hz = control_hz or spec.control_hz or declared_rate_hz(make_env(name, **kwargs))
     if hz is None:
         raise SplitedgeError(f"{name} declares no control rate; pass --control-hz")
-    delay = LinkDelay.from_profile(get_profile(link, links_file), 1.0 / hz)
+    delay = LinkDelay.from_profile(get_profile(link, links_file), 1.0 / hz, extra_ms)
     if spec.action_history and spec.action_history != delay.max_ticks:
         raise SplitedgeError(
             f"the bundle reads {spec.action_history} actions in flight, link {link} at {hz:g} Hz "
@@ -80,6 +81,7 @@ def evaluate_bundle(
         "link": link,
         "control_hz": hz,
         "delay_ticks_max": delay.max_ticks,
+        "extra_ms": extra_ms,
         "episodes": episodes,
         "mean_return": float(np.mean(returns)),
         "returns": returns,
@@ -111,11 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=20, help="episodes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="first episode's seed")
     p.add_argument("--control-hz", type=float, default=None, help="default: the bundle's/env's")
+    p.add_argument(
+        "--extra-ms", type=float, default=DELAY_EXTRA_MS, help="off-link ms per decision"
+    )
     args = p.parse_args(argv)
     try:
         result = evaluate_bundle(
-            args.bundle, args.link, args.links_file, args.episodes, args.seed, args.control_hz
-        )
+            args.bundle, args.link, args.links_file, args.episodes, args.seed, args.control_hz,
+            args.extra_ms,
+        )  # fmt: skip
     except SplitedgeError as e:
         print(f"delay_eval: error: {e}")
         return 2

@@ -17,7 +17,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from edge.envs import make_env, tasks
 from models.algos import ALGOS, DISCRETE_ALGOS, build
 from models.baselines import ENCODERS
-from models.realtime_training import extractor_kwargs, resolve, wrap_env
+from models.realtime_training import DELAY_EXTRA_MS, extractor_kwargs, resolve, wrap_env
 
 LEARNING_RATE = {"ppo": 3e-4, "sac": 1e-3, "ddpg": 5e-4}
 N_ENVS = {"ppo": 8, "sac": 1, "ddpg": 1}
@@ -40,6 +40,7 @@ class TrainConfig:
     :param links_file: the TOML file `delay_profile` is read from (None: deploy/links.toml)
     :param chunk: actions per answer (> 1: action chunks; continuous actions only)
     :param control_hz: the control rate the delay is counted in (None: the env's own)
+    :param delay_extra_ms: time a decision spends off the link, added to its round trip
     """
 
     task: str = "cartpole-pixels"
@@ -57,6 +58,7 @@ class TrainConfig:
     links_file: str | None = None
     chunk: int = 1
     control_hz: float | None = None
+    delay_extra_ms: float = DELAY_EXTRA_MS
     # resolved from the four above: what result.json and the bundle record (None: plain)
     realtime: dict[str, Any] | None = field(default=None, init=False)
 
@@ -83,7 +85,7 @@ class TrainConfig:
             )
         self.realtime = resolve(
             self.task, self.encoder, discrete, self.delay_profile, self.links_file,
-            self.chunk, self.control_hz,
+            self.chunk, self.control_hz, self.delay_extra_ms,
         )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ delay_ms = 0
 [slow]
 up_kbit = 2000
 down_kbit = 2000
-delay_ms = 60
+delay_ms = 55
 jitter_ms = 10
 """
 
@@ -50,7 +50,7 @@ def direct_return(seed: int) -> float:
 
 
 def test_no_delay_is_the_direct_return(links: Path) -> None:
-    got = evaluate_bundle(PENDULUM, "instant", links, episodes=1, seed=7)
+    got = evaluate_bundle(PENDULUM, "instant", links, episodes=1, seed=7, extra_ms=0.0)
     assert got["delay_ticks_max"] == 0 and got["strategy"] == "hold"
     assert got["mean_return"] == pytest.approx(direct_return(7), rel=1e-9)
 
@@ -58,7 +58,8 @@ def test_no_delay_is_the_direct_return(links: Path) -> None:
 def test_a_delay_repeats(links: Path) -> None:
     first = evaluate_bundle(PENDULUM, "slow", links, episodes=1, seed=7)
     again = evaluate_bundle(PENDULUM, "slow", links, episodes=1, seed=7)
-    assert first["delay_ticks_max"] == 3  # (120 + 2 * 10) ms / 50 ms = 2.8 -> 3, by hand
+    # (110 + 2 * 10 + 10 off the link) ms / 50 ms = 2.8 -> 3 ticks, by hand
+    assert first["delay_ticks_max"] == 3
     assert first["returns"] == again["returns"]
     assert np.isfinite(first["mean_return"])
 
