@@ -3,7 +3,10 @@
 The heavy test builds (or reuses) the cached root file system, flashes the shipped
 bundle offline with --backend es2 (Mesa llvmpipe inside the arm64 userland), checks
 on the device's files that what was installed is aarch64 code (ELF headers read
-here, not the device's word), that `status` says aarch64, and rolls back. The
+here, not the device's word), that `status` says aarch64, runs an episode with
+`edge run --backend es2` inside the device and the same one on this x86_64 machine
+(the same actions, step for step), and rolls back. It runs in CI: a warm rootfs
+cache is reused, a cold one is built first (about 8 minutes). The
 light tests check that a missing qemu or binfmt_misc stops the emulator with one
 line that names the fix.
 """
@@ -152,6 +155,14 @@ def _cli(dev: object, *args: str) -> tuple[int, dict]:
     return rc, (json.loads(text) if text.strip() else {})
 
 
+def _cli_plain(*args: str) -> tuple[int, dict]:
+    """A command run on this machine (no device, no ssh config)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(list(args))
+    return rc, json.loads(buf.getvalue())
+
+
 def _current(root: Path) -> str | None:
     return os.readlink(root / "current").split("/")[-1] if (root / "current").is_symlink() else None
 
@@ -169,26 +180,24 @@ def arm64(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     t0 = time.monotonic()
     rootfs = ensure_rootfs()  # the shared cache: built once, reused by every later run
     print(f"\narm64 rootfs {rootfs} ready in {time.monotonic() - t0:.1f} s")
-    # wheels in a cache of our own, as tests/test_flash_e2e.py does
-    saved, os.environ["SPLITEDGE_CACHE"] = os.environ.get("SPLITEDGE_CACHE"), str(tmp / "cache")
+    # the aarch64 wheels go to the shared splitedge cache, as the rootfs does: only this test
+    # downloads for aarch64, and a warm cache is what a user's second flash sees
     dev = EmulatedDevice("pi-4b", arch="arm64", rootfs=rootfs)
     server = ServerProcess(ZOO_BUNDLE, extra_args=["--host", "0.0.0.0", "--grace-s", "0.5"])
-    try:
-        with server, dev:
-            print(f"emulated arm64 device: {dev.caps.describe()}; {dev.describe()['binfmt']}")
-            yield {"dev": dev, "server": f"{dev.host_address}:{server.port}", "tmp": tmp}
-        others = binfmt.OWNERS.read_text().split() if binfmt.OWNERS.is_file() else []
-        others = [p for p in others if Path(f"/proc/{p}").exists()]  # arm64 emulators beside us
-        if "registered as" in dev.describe()["binfmt"] and not others:
-            assert not (binfmt.BINFMT / binfmt.NAME).exists(), "our binfmt entry is undone"
-    finally:
-        if saved is None:
-            os.environ.pop("SPLITEDGE_CACHE", None)
-        else:
-            os.environ["SPLITEDGE_CACHE"] = saved
+    with server, dev:
+        print(f"emulated arm64 device: {dev.caps.describe()}; {dev.describe()['binfmt']}")
+        yield {
+            "dev": dev,
+            "server": f"{dev.host_address}:{server.port}",
+            "local_server": server.address,
+            "tmp": tmp,
+        }
+    others = binfmt.OWNERS.read_text().split() if binfmt.OWNERS.is_file() else []
+    others = [p for p in others if Path(f"/proc/{p}").exists()]  # arm64 emulators beside us
+    if "registered as" in dev.describe()["binfmt"] and not others:
+        assert not (binfmt.BINFMT / binfmt.NAME).exists(), "our binfmt entry is undone"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_arm64_device_flash_health_status_rollback(arm64: dict) -> None:
     dev = arm64["dev"]
@@ -242,6 +251,31 @@ def test_arm64_device_flash_health_status_rollback(arm64: dict) -> None:
     assert rc == 0 and s["machine"] == "aarch64" and s["arch"] == "aarch64", s
     assert s["current"] == V1 and s["last_health"]["ok"]
 
+    # an episode with the es2 encoder inside the device (aarch64 Python, aarch64 Mesa under
+    # qemu) against the host's server, and the same episode here on x86_64: the same frames
+    # give the same features, so the same actions, step for step (one differing action would
+    # change every frame after it)
+    run = ["edge", "run", "--backend", "es2", "--steps", "500", "--seed", "3", "--json"]
+    t0 = time.monotonic()
+    r = dev.ssh(
+        "sh",
+        "-c",
+        '"$SPLITEDGE_ROOT/current/runtime/venv/bin/python" -m splitedge '
+        + " ".join(run)
+        + f' --bundle "$SPLITEDGE_ROOT/current/bundle" --server {arm64["server"]}',
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    on_arm = json.loads(r.stdout)
+    print(f"edge run on arm64: {time.monotonic() - t0:.1f} s, {on_arm['encoder_backend']}")
+    rc, on_x86 = _cli_plain(*run, "--bundle", str(ZOO_BUNDLE), "--server", arm64["local_server"])
+    assert rc == 0, on_x86
+    assert on_arm["encoder_backend"].startswith("es2") and on_x86["encoder_backend"].startswith(
+        "es2"
+    )
+    assert on_arm["episodes"] >= 1 and on_arm["fallbacks"] == 0 == on_x86["fallbacks"], on_arm
+    assert on_arm["actions_sha256"] == on_x86["actions_sha256"], (on_arm, on_x86)
+    assert on_arm["mean_return"] == on_x86["mean_return"]
+
     # the second version's gate probes onnxruntime, aarch64 build under qemu (it needs the
     # emulator's aarch64 /proc/cpuinfo: with the host's it segfaults at import)
     v2 = str(reversioned(arm64["tmp"], "1.0.1"))
@@ -251,3 +285,44 @@ def test_arm64_device_flash_health_status_rollback(arm64: dict) -> None:
     rc, r = _cli(dev, "rollback", "--host", dev.host)
     assert rc == 0, r
     assert _current(root) == V1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_fleet_of_one_x86_64_and_one_arm64_device_flashes_canary_first(
+    arm64: dict, tmp_path: Path
+) -> None:
+    """A fleet file naming an x86_64 Pi (the canary) and the arm64 one: each gets wheels for
+    its own architecture, each passes its health gate, the canary first."""
+    from deploy.emulate.device import EmulatedDevice
+
+    arm = arm64["dev"]
+    port = arm64["server"].rsplit(":", 1)[1]
+    v3 = str(reversioned(tmp_path, "1.0.2"))
+    with EmulatedDevice("pi-zero-2w") as x86:
+        fleet = tmp_path / "fleet.toml"
+        fleet.write_text(
+            "[defaults]\noffline = true\n"
+            f'[[device]]\nhost = "{arm.host}"\nprofile = "pi-4b"\n'
+            f'server = "{arm.host_address}:{port}"\nssh_config = "{arm.ssh_config}"\n'
+            f'[[device]]\nhost = "{x86.host}"\ncanary = true\nprofile = "pi-zero-2w"\n'
+            f'server = "{x86.host_address}:{port}"\nssh_config = "{x86.ssh_config}"\n'
+        )
+        buf = io.StringIO()
+        t0 = time.monotonic()
+        with contextlib.redirect_stdout(buf):
+            rc = main(
+                ["flash", "--fleet", str(fleet), "--bundle", v3, "--backend", "es2", "--json"]
+            )
+        print(f"fleet flash, x86_64 canary then arm64: {time.monotonic() - t0:.1f} s")
+        out = json.loads(buf.getvalue())
+        assert rc == 0, out
+        rows = out["devices"]
+        assert [r["host"] for r in rows] == [x86.host, arm.host], rows
+        assert [r["result"] for r in rows] == ["ok", "ok"], rows
+        for dev, machine in ((x86, "x86_64"), (arm, "aarch64")):
+            assert _current(dev.root) == f"{NAME}-1.0.2"
+            health = json.loads((dev.root / "state" / "health.json").read_text())
+            assert health["ok"] and health["encoder"]["backend"].startswith("es2"), health
+            wheels = [p.name for p in (dev.root / "wheelhouse").glob("onnxruntime-*.whl")]
+            assert wheels and all(machine in w for w in wheels), (machine, wheels)

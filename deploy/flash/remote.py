@@ -348,6 +348,10 @@ def install_runtime(
             "install",
             "--disable-pip-version-check",
             "--no-warn-script-location",
+            # no byte-compiling of every module installed (PyOpenGL alone ships ~2,000 the
+            # encoder never imports): the health gate's imports compile what runs, before
+            # the release goes live
+            "--no-compile",
             "--find-links",
             str(root / "wheelhouse"),
         ]
