@@ -46,7 +46,7 @@ def _cell(before: list[float], after: list[float]) -> str:
     b, a = statistics.median(before), statistics.median(after)
     return (
         f"{b:.2f} ({min(before):.2f}-{max(before):.2f}) → {a:.2f} ({min(after):.2f}-"
-        f"{max(after):.2f}), {100 * (a / b - 1):+.0f}%"
+        f"{max(after):.2f}), {100 * (a / b - 1):+.1f}%"
     )
 
 
@@ -98,7 +98,7 @@ def pooled_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> l
             statistics.median(_rows(r)[split]["decisions_per_s"] for r in side) / n_dps
             for side in (before, after)
         ]
-        cells = [f"{a:.2f} → {b:.2f} ({100 * (b / a - 1):+.0f}%)" for a, b in (cpu, dps)]
+        cells = [f"{a:.2f} → {b:.2f} ({100 * (b / a - 1):+.1f}%)" for a, b in (cpu, dps)]
         lines.append(f"| {clients} | {rpc} | {n_cpu:.2f} | " + " | ".join(cells) + " |")
     return lines
 

@@ -12,6 +12,7 @@ import numpy as np
 from deploy.link.profiles import LinkProfile, get_profile, refusal
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
+from splitedge.realtime_spec import realtime_spec
 
 if TYPE_CHECKING:
     from deploy.measure import MeasureConfig
@@ -62,8 +63,10 @@ def control_rate(cfg: MeasureConfig, env: str, declared: float | None) -> tuple[
 
 
 def split_message_bytes(bundle_path: Path) -> int:
-    """Bytes of one step's feature tensor: features x the bundle's dtype size (1 uint8, 4 float32)."""
-    out = load_bundle(bundle_path).policy["encoder"]["output"]
+    """Bytes of one step's feature tensor: features x the bundle's dtype size (1 uint8, 4
+    float32), plus a delay-aware head's actions in flight (D actions of 8 or 4 bytes each)."""
+    policy = load_bundle(bundle_path).policy
+    out = policy["encoder"]["output"]
     size = 1
     for d in out["shape"]:
         size *= int(d)
@@ -74,4 +77,15 @@ def split_message_bytes(bundle_path: Path) -> int:
             f"bundle {bundle_path}: feature dtype {out['dtype']!r} is not a numpy dtype; "
             "re-export it with `splitedge export`"
         ) from None
-    return size * itemsize
+    return size * itemsize + _history_bytes(policy, bundle_path)
+
+
+def _history_bytes(policy: dict[str, Any], bundle_path: Path) -> int:
+    depth = realtime_spec(policy, f"bundle {bundle_path}").action_history
+    action = policy["action"]
+    if action.get("type") == "discrete":
+        return depth * 8  # one int64 each
+    width = 1
+    for d in action.get("shape", [1]):
+        width *= int(d)
+    return depth * width * 4  # float32

@@ -11,6 +11,7 @@ and the numbers repeat. `splitedge measure --loop realtime` is the same question
 real (emulated) link.
 
     python -m models.delay_eval --bundle models/zoo/pendulum-sac --link 3g [--episodes 20]
+    python -m models.delay_eval --bundle models/zoo/pendulum-sac --link sync   # no delay
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from splitedge.onnx import cpu_session
 from splitedge.realtime_spec import realtime_spec
 
 EVAL_SEED = 10_000  # as models/train.py's deterministic evaluation
+SYNC = "sync"  # not a link: no delay at all, the turn-by-turn loop's return
 
 
 def evaluate_bundle(
@@ -53,7 +55,10 @@ def evaluate_bundle(
     hz = control_hz or spec.control_hz or declared_rate_hz(make_env(name, **kwargs))
     if hz is None:
         raise SplitedgeError(f"{name} declares no control rate; pass --control-hz")
-    delay = LinkDelay.from_profile(get_profile(link, links_file), 1.0 / hz, extra_ms)
+    if link == SYNC:  # turn by turn: each action applies to the observation it answers
+        delay, extra_ms = LinkDelay(1.0 / hz, 0.0), 0.0
+    else:
+        delay = LinkDelay.from_profile(get_profile(link, links_file), 1.0 / hz, extra_ms)
     if spec.action_history and spec.action_history != delay.max_ticks:
         raise SplitedgeError(
             f"the bundle reads {spec.action_history} actions in flight, link {link} at {hz:g} Hz "
@@ -108,7 +113,11 @@ def _act(full: Any, obs: Any, history: int, discrete: bool, action: dict[str, An
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, help="policy bundle directory or .tar")
-    p.add_argument("--link", required=True, help="link profile (deploy/links.toml or --links-file)")
+    p.add_argument(
+        "--link",
+        required=True,
+        help="link profile (deploy/links.toml or --links-file), or `sync`: no delay, turn by turn",
+    )
     p.add_argument("--links-file", default=None, help="TOML file of link profiles")
     p.add_argument("--episodes", type=int, default=20, help="episodes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="first episode's seed")

@@ -41,8 +41,9 @@ def realtime_record(model: Any, result: dict[str, Any]) -> dict[str, Any] | None
     record = result.get("realtime")
     if isinstance(model.observation_space, gymnasium.spaces.Dict) and not record:
         raise SplitedgeError(
-            "the model reads Dict observations but result.json beside it has no `realtime` "
-            "record; export reads Dict models trained with `splitedge train --delay-profile`"
+            "the model reads Dict observations (a MultiInputPolicy) but result.json beside it has "
+            "no `realtime` record; export reads only image policies (CnnPolicy) and the Dict "
+            "models that `splitedge train --delay-profile` makes"
         )
     return dict(record) if record else None
 

@@ -106,6 +106,11 @@ def test_manifests_say_the_strategy(delay_bundle: Path, chunk_bundle: Path) -> N
     chunk = load_bundle(chunk_bundle).policy
     assert (chunk["realtime"]["chunk_length"], chunk["realtime"]["action_history"]) == (CHUNK, 0)
     assert chunk["action"]["shape"] == [1]  # one tick's action, not the flattened chunk
+    # measure's link check counts the history in a request: 3 float32 actions more
+    from deploy.measure_checks import split_message_bytes
+
+    features = load_bundle(delay_bundle).policy["encoder"]["output"]["shape"][0]  # uint8
+    assert split_message_bytes(delay_bundle) == features + HISTORY * 4
 
 
 def test_server_answers_the_head_with_the_actions_in_flight(delay_served: Served) -> None:
