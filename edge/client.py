@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge.act_stream import ActStreamCall, Down, describe
 from edge.channel import ChannelSecurity, make_channel
 from edge.encoder import Encoder, make_encoder
 from edge.history import chunk_actions, request_history
@@ -128,83 +129,6 @@ class Decision:
     error: str = ""
 
 
-class _Late(TimeoutError):
-    """No reply before the decision's deadline (the link itself may be fine)."""
-
-
-class _Down(ConnectionError):
-    """Not connected: the stream or link broke and a background reconnect is under way."""
-
-
-class _Stream:
-    """One ActStream call. A reader thread hands each reply to the step that waits for it and
-    drops the rest (late replies to steps that already fell back); a broken stream tells
-    `on_end` once."""
-
-    def __init__(self, stub: pb_grpc.PolicyStub, on_end: Any):
-        self._requests: queue.Queue[pb.ActRequest | None] = queue.Queue()
-        self._cond = threading.Condition()
-        self._awaiting: int | None = None
-        self._reply: pb.ActReply | None = None
-        self.ended: BaseException | None = None
-        self.late_replies = 0
-        self.sink: queue.Queue[tuple[pb.ActReply, float]] | None = None  # set by send()
-        self._on_end = on_end
-        self._call = stub.ActStream(iter(self._requests.get, None))
-        threading.Thread(target=self._read, name="act-stream", daemon=True).start()
-
-    def _read(self) -> None:
-        error: BaseException
-        try:
-            for reply in self._call:
-                with self._cond:
-                    if reply.step == self._awaiting:
-                        self._reply = reply
-                        self._cond.notify_all()
-                    elif self.sink is not None:  # send() without waiting: poll() takes it
-                        self.sink.put((reply, time.perf_counter()))
-                    else:
-                        self.late_replies += 1
-            error = ConnectionError("stream closed by server")
-        except grpc.RpcError as e:
-            error = e
-        with self._cond:
-            self.ended = error
-            self._cond.notify_all()
-        self._on_end(self, error)
-
-    def exchange(self, request: pb.ActRequest, deadline: float) -> pb.ActReply:
-        """Send a request and wait for its reply until `deadline` (perf_counter)."""
-        with self._cond:
-            if self.ended is not None:
-                raise _Down(_describe(self.ended))
-            self._awaiting, self._reply = request.step, None
-        self._requests.put(request)
-        with self._cond:
-            while self._reply is None and self.ended is None:
-                left = deadline - time.perf_counter()
-                if left <= 0 or not self._cond.wait(left):
-                    if self._reply is None and self.ended is None:
-                        self._awaiting = None
-                        raise _Late("no reply before the deadline")
-            reply, self._reply, self._awaiting = self._reply, None, None
-            if reply is None:
-                raise _Down(_describe(self.ended))  # type: ignore[arg-type]
-            return reply
-
-    def send(self, request: pb.ActRequest, sink: queue.Queue[tuple[pb.ActReply, float]]) -> None:
-        """Send a request without waiting; its reply goes to `sink` with its arrival time."""
-        with self._cond:
-            if self.ended is not None:
-                raise _Down(_describe(self.ended))
-            self.sink = sink
-        self._requests.put(request)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
-
-
 @dataclass
 class PolicyClient:
     """A session with a policy server for one bundle; `act(frame)` always returns an action.
@@ -224,7 +148,7 @@ class PolicyClient:
     last: Decision | None = None
     _channel: Any = None
     _stub: Any = None
-    _stream: _Stream | None = None
+    _stream: ActStreamCall | None = None
     _session: int = 0
     _step: int = 0
     _last_action: Any = None
@@ -327,7 +251,7 @@ class PolicyClient:
             client_id=self.config.client_id,
         )
         reply = stub.Hello(hello, timeout=max(timeout, 1e-3), wait_for_ready=True)
-        stream = _Stream(stub, self._stream_ended) if self.config.rpc == "stream" else None
+        stream = ActStreamCall(stub, self._stream_ended) if self.config.rpc == "stream" else None
         with self._cond:
             if self._closed:
                 if stream is not None:
@@ -359,12 +283,12 @@ class PolicyClient:
         failure = Unauthenticated if code == grpc.StatusCode.UNAUTHENTICATED else ConnectionError
         return failure(f"{self.config.server}: {code.name} {e.details()}")  # type: ignore[attr-defined]
 
-    def _stream_ended(self, stream: _Stream, error: BaseException) -> None:
+    def _stream_ended(self, stream: ActStreamCall, error: BaseException) -> None:
         """The reader of `stream` saw it end: reconnect in the background (if it is current)."""
         with self._cond:
             if stream is not self._stream or self._closed:
                 return
-        self._schedule_reconnect(_describe(error))
+        self._schedule_reconnect(describe(error))
 
     def _schedule_reconnect(self, why: str = "link dropped") -> None:
         """Mark the session broken and have the background thread open a new one."""
@@ -392,7 +316,7 @@ class PolicyClient:
                 self._open(self.config.wait_s)
             except (grpc.RpcError, SplitedgeError, ConnectionError, ValueError) as e:
                 with self._cond:
-                    self._error = _describe(e)
+                    self._error = describe(e)
                     self._cond.wait(backoff * random.uniform(0.8, 1.2))  # close() wakes it
                 backoff = min(hi, backoff * 2)
             else:
@@ -400,7 +324,7 @@ class PolicyClient:
                     self.reconnects += 1
                 backoff = lo
 
-    def _wait_connected(self, deadline: float) -> tuple[Any, _Stream | None, int]:
+    def _wait_connected(self, deadline: float) -> tuple[Any, ActStreamCall | None, int]:
         """(stub, stream, session) once connected, waiting for a reconnect until `deadline`."""
         with self._cond:
             reconnecting = self._reconnector is not None and self._reconnector.is_alive()
@@ -409,10 +333,10 @@ class PolicyClient:
             while not self._connected and not self._closed:
                 left = deadline - time.perf_counter()
                 if left <= 0:
-                    raise _Down(f"not connected (reconnecting: {self._error})")
+                    raise Down(f"not connected (reconnecting: {self._error})")
                 self._cond.wait(left)
             if self._closed:
-                raise _Down("client closed")
+                raise Down("client closed")
             return self._stub, self._stream, self._session
 
     def close(self) -> None:
@@ -454,7 +378,7 @@ class PolicyClient:
         try:
             reply = self._exchange(request, t0 + self.config.deadline_s)
         except (grpc.RpcError, ConnectionError, TimeoutError) as e:
-            d.fallback, d.error = True, _describe(e)
+            d.fallback, d.error = True, describe(e)
             d.action = self._last_action
             self.fallbacks += 1
             if isinstance(e, grpc.RpcError) and e.code() in REHELLO:  # type: ignore[attr-defined]
@@ -499,7 +423,7 @@ class PolicyClient:
                 step=self._step, session_id=session, input=tensor, actions_in_flight=history
             )
             stream.send(request, self._replies)
-        except _Down:
+        except Down:
             return None
         return Sent(request.step, encode_ms, request.ByteSize() + GRPC_PREFIX)
 
@@ -536,16 +460,6 @@ class PolicyClient:
     def _decode_action(self, t: pb.Tensor) -> Any:
         a = from_tensor(t)
         return int(a.reshape(-1)[0]) if self._action["type"] == "discrete" else a.astype(np.float32)
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, grpc.RpcError):
-        return f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
-    if isinstance(e, _Late):
-        return "DEADLINE_EXCEEDED: no reply before the deadline"
-    if isinstance(e, _Down):
-        return f"UNAVAILABLE: {e}"
-    return f"{type(e).__name__}: {e}"
 
 
 def connect(bundle: str | Path | Bundle, server: str, **config: Any) -> PolicyClient:
