@@ -54,6 +54,7 @@ def measure(args: argparse.Namespace) -> int:
     """Run the missing real-link measurements, one `splitedge measure` per bundle."""
     links = args.links.split(",")
     for study in _studies(args.runs):
+        hz = json.loads((study / "summary.json").read_text())["control_hz"]
         for run, on in _bundles(study, links):
             out = run / f"measure-{'-'.join(on)}"
             if (out / "results.json").exists():
@@ -62,7 +63,7 @@ def measure(args: argparse.Namespace) -> int:
                 sys.executable, "-m", "splitedge", "measure", "--bundle", str(run / "bundle"),
                 "--links", ",".join(on), "--modes", "split", "--loop", "realtime",
                 "--link-backend", args.link_backend, "--steps", str(args.steps),
-                "--out", str(out), "--no-progress",
+                "--control-hz", str(hz), "--out", str(out), "--no-progress",
                 *(["--links-file", args.links_file] if args.links_file else []),
             ]  # fmt: skip
             print(f"measure {run.name} on {','.join(on)}", flush=True)
@@ -202,6 +203,7 @@ def plot(studies: list[tuple[dict[str, Any], list[dict[str, Any]]]], path: Path)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="sync")
         ax.axhline(0.0, color="grey", lw=0.8, ls=":", label="random")
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
         ax.set_xlabel("link round trip (ms)")
         ax.set_ylabel("normalised return (IQM, 95% CI)")
         ax.set_title(f"{summary['task']} {summary['algo'].upper()} at {summary['control_hz']:g} Hz")

@@ -30,7 +30,9 @@ STRATEGIES = ("hold", "delay-aware", "chunk")
 Step = tuple[Path, list[str]]  # (output that marks the step done, argv)
 
 
-def link_ticks(task: str, link: str, links_file: str | None) -> tuple[float, int]:
+def link_ticks(
+    task: str, link: str, links_file: str | None, control_hz: float | None = None
+) -> tuple[float, int]:
     """(control Hz, the link's longest delay in ticks) as training computes them."""
     from deploy.link.profiles import get_profile
     from edge.envs import make_env
@@ -38,9 +40,9 @@ def link_ticks(task: str, link: str, links_file: str | None) -> tuple[float, int
     from models.delay_wrapper import LinkDelay
     from models.realtime_training import DELAY_EXTRA_MS
 
-    hz = declared_rate_hz(make_env(task))
+    hz = control_hz or declared_rate_hz(make_env(task))
     if hz is None:
-        raise SystemExit(f"realtime_sweep: {task} declares no control rate")
+        raise SystemExit(f"realtime_sweep: {task} declares no control rate; pass --control-hz")
     delay = LinkDelay.from_profile(get_profile(link, links_file), 1.0 / hz, DELAY_EXTRA_MS)
     return hz, delay.max_ticks
 
@@ -59,10 +61,11 @@ def chain(
     two chains train it at once) is scored sync and under every link."""
     run = run_dir(runs, args, strategy, link, seed)
     links = ["--links-file", args.links_file] if args.links_file else []
+    rate = ["--control-hz", str(args.control_hz)] if args.control_hz else []
     flags = {
         "hold": [],
-        "delay-aware": ["--delay-profile", link, *links],
-        "chunk": ["--chunk", str(chunk), "--delay-profile", link, *links],
+        "delay-aware": ["--delay-profile", link, *links, *rate],
+        "chunk": ["--chunk", str(chunk), "--delay-profile", link, *links, *rate],
     }[strategy]
     train = [
         "-m", "splitedge", "train", "--task", args.task, "--algo", args.algo, "--seed", str(seed),
@@ -73,7 +76,7 @@ def chain(
 
     def score(where: str) -> Step:
         argv = ["-m", "models.delay_eval", "--bundle", str(run / "bundle"), "--link", where,
-                "--episodes", str(args.episodes), *links]  # fmt: skip
+                "--episodes", str(args.episodes), *links, *rate]  # fmt: skip
         return run / f"delay_eval-{where}.json", argv
 
     out = [(run / "result.json", train), (run / "bundle" / "manifest.json", export)]
@@ -143,6 +146,7 @@ def main() -> int:
     ap.add_argument("--algo", default="sac")
     ap.add_argument("--links", nargs="+", default=["3g"])
     ap.add_argument("--links-file", default=None)
+    ap.add_argument("--control-hz", type=float, default=None, help="default: the env's own rate")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--chunk", type=int, default=0, help="default: each link's max delay + 1")
     ap.add_argument("--timesteps", type=int, default=10_000)
@@ -154,7 +158,7 @@ def main() -> int:
     runs = args.runs / f"{args.task}-{args.algo}"
     hz, ticks = 0.0, {}
     for link in args.links:
-        hz, ticks[link] = link_ticks(args.task, link, args.links_file)
+        hz, ticks[link] = link_ticks(args.task, link, args.links_file, args.control_hz)
     # plain chains first, then link by link
     chains = [
         chain(runs, args, strategy, link, seed, _chunk(args, ticks[link]))

@@ -19,7 +19,7 @@ SEEDS = [0, 1, 2, 3, 4]
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(task="pendulum-pixels", algo="sac", links=["wifi", "3g"], links_file=None,
-                timesteps=100, episodes=3, seeds=SEEDS, chunk=0)  # fmt: skip
+                timesteps=100, episodes=3, seeds=SEEDS, chunk=0, control_hz=None)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
