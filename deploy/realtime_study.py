@@ -172,7 +172,8 @@ def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
         hold = cell.get("hold")
         best = max(((v, s) for s, v in cell.items() if s != "hold"), default=None)
         if hold is None or best is None:
-            out.append(f"- {link}: not measured (hold or a strategy missing)")
+            held = f"hold keeps {hold:.2f}; " if hold is not None else ""
+            out.append(f"- {link}: {held}no latency-hiding policy trained for this link")
             continue
         met = best[0] >= GOAL_KEEP and hold < HOLD_BELOW
         out.append(
