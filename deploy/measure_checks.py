@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deploy.link.profiles import LinkProfile, get_profile, refusal
+from edge.history import history_tensor
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
 from splitedge.realtime_spec import realtime_spec
@@ -81,11 +82,10 @@ def split_message_bytes(bundle_path: Path) -> int:
 
 
 def _history_bytes(policy: dict[str, Any], bundle_path: Path) -> int:
+    """The actions_in_flight bytes of one request, in the wire form the device sends."""
     depth = realtime_spec(policy, f"bundle {bundle_path}").action_history
+    if not depth:
+        return 0
     action = policy["action"]
-    if action.get("type") == "discrete":
-        return depth * 8  # one int64 each
-    width = 1
-    for d in action.get("shape", [1]):
-        width *= int(d)
-    return depth * width * 4  # float32
+    default = 0 if action.get("type") == "discrete" else np.zeros(action.get("shape", [1]))
+    return len(history_tensor([default] * depth, action, depth).data)

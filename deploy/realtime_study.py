@@ -39,12 +39,22 @@ def _studies(runs: Path) -> list[Path]:
     return sorted(p.parent for p in runs.glob("*/summary.json"))
 
 
+def _record(run: Path) -> dict[str, Any]:
+    """A run's training: its seed and its latency-hiding record ({} for a plain policy)."""
+    result = json.loads((run / "result.json").read_text())
+    return {"seed": int(result["config"]["seed"]), **(result.get("realtime") or {})}
+
+
+def _strategy(record: dict[str, Any]) -> str:
+    return str(record.get("strategy") or "hold")  # a plain policy holds the newest action
+
+
 def _bundles(study: Path, links: list[str]) -> list[tuple[Path, list[str]]]:
     """(run dir, links to measure it on): plain runs on every link, the others on the link
     their training record names."""
     out = []
     for run in sorted(p.parent.parent for p in study.glob("*/bundle/manifest.json")):
-        record = json.loads((run / "result.json").read_text()).get("realtime") or {}
+        record = _record(run)
         on = [record["link"]] if record.get("link") else links
         out.append((run, [link for link in on if link in links]))
     return [(run, on) for run, on in out if on]
@@ -78,11 +88,9 @@ def _measured(study: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
     """(strategy, link, seed) -> the real-time row of `measure`."""
     out = {}
     for path in study.glob("*/measure-*/results.json"):
-        run = path.parent.parent.name
-        seed = int(run.rsplit("-s", 1)[1])
-        strategy = next(s for s in ("plain", "delay-aware", "chunk") if f"-{s}-" in run)
+        record = _record(path.parent.parent)
         for row in json.loads(path.read_text()).get("realtime", []):
-            out[("hold" if strategy == "plain" else strategy, row["link"], seed)] = row
+            out[(_strategy(record), row["link"], record["seed"])] = row
     return out
 
 
@@ -129,6 +137,8 @@ def study_rows(study: Path, links_file: str | None) -> tuple[dict[str, Any], lis
                 "returns": list(per_seed.values()), "norm": norm(list(per_seed.values())),
                 "real": real,
             })  # fmt: skip
+    for r in rows:  # the bootstrap once per row: the table, goal and plot all read it
+        r["norm_iv"] = iqm_interval(r["norm"])
     summary["sync_iqm"], summary["random_mean"] = ref, floor
     return summary, rows
 
@@ -154,7 +164,7 @@ def markdown(studies: list[tuple[dict[str, Any], list[dict[str, Any]]]], command
             real = r["real"]
             lines.append(
                 f"| {r['link']} | {r['rtt_ms']:g} | {r['ticks']} | {r.get('label', r['strategy'])} "
-                f"| {_text(_iqm(r['norm']), 2)} | {_text(_iqm(r['returns']))} "
+                f"| {_text(r['norm_iv'], 2)} | {_text(_iqm(r['returns']))} "
                 f"| {_text(_iqm([x['episode_return'] for x in real]))} "
                 f"| {_median([x['stale_share'] for x in real])} "
                 f"| {_median([x['age_p50'] for x in real], 0)} / {_median([x['age_p95'] for x in real], 0)} |"
@@ -168,7 +178,7 @@ def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
     out = [f"Goal (links of {GOAL_TICKS}+ ticks): a strategy keeps >= {GOAL_KEEP:.0%} of sync "
            f"(normalised IQM) where hold keeps < {HOLD_BELOW:.0%}:", ""]  # fmt: skip
     for link in dict.fromkeys(r["link"] for r in rows if r["ticks"] >= GOAL_TICKS):
-        cell = {r["strategy"]: iqm_interval(r["norm"]).iqm for r in rows if r["link"] == link}
+        cell = {r["strategy"]: r["norm_iv"].iqm for r in rows if r["link"] == link}
         hold = cell.get("hold")
         best = max(((v, s) for s, v in cell.items() if s != "hold"), default=None)
         if hold is None or best is None:
@@ -193,9 +203,7 @@ def plot(studies: list[tuple[dict[str, Any], list[dict[str, Any]]]], path: Path)
     fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4), squeeze=False)
     for ax, (summary, rows) in zip(axes[0], studies, strict=True):
         for strategy in STRATEGIES:
-            pts = sorted(
-                (r["rtt_ms"], iqm_interval(r["norm"])) for r in rows if r["strategy"] == strategy
-            )
+            pts = sorted((r["rtt_ms"], r["norm_iv"]) for r in rows if r["strategy"] == strategy)
             if pts:
                 x = [p[0] for p in pts]
                 y = [p[1].iqm for p in pts]

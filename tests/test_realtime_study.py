@@ -63,8 +63,10 @@ def _study(tmp_path: Path) -> Path:
     }  # fmt: skip
     (study / "summary.json").write_text(json.dumps(summary))
     for s in SEEDS:
-        out = study / f"pendulum-pixels-sac-plain-s{s}" / "measure-3g"
+        run = study / f"pendulum-pixels-sac-plain-s{s}"
+        out = run / "measure-3g"
         out.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"config": {"seed": s}}))  # as train writes
         row = {"link": "3g", "episode_return": -1000.0 + 10 * s, "stale_share": 1.0,
                "age_p50": 7, "age_p95": 8}  # fmt: skip
         (out / "results.json").write_text(json.dumps({"realtime": [row]}))
