@@ -51,15 +51,22 @@ def iqm_interval(scores: Sequence[float], seed: int = 0, reps: int = REPS) -> In
     if a.shape[0] == 1:
         v = float(a[0, 0])
         return Interval(v, v, v, 1)
-    with warnings.catch_warnings():  # rliable hands arch a RandomState, which arch now deprecates
-        warnings.simplefilter("ignore", FutureWarning)
-        point, ci = rly.get_interval_estimates(
-            {"cell": a},
-            lambda x: np.array([metrics.aggregate_iqm(x)]),
-            reps=reps,
-            confidence_interval_size=CONFIDENCE,
-            random_state=np.random.RandomState(seed),
-        )
+    # rliable seeds its bootstrap with random_state, but part of the resampling still draws
+    # from numpy's global generator: seed that too, and put it back, so a report repeats
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():  # rliable hands arch a RandomState, arch deprecates it
+            warnings.simplefilter("ignore", FutureWarning)
+            point, ci = rly.get_interval_estimates(
+                {"cell": a},
+                lambda x: np.array([metrics.aggregate_iqm(x)]),
+                reps=reps,
+                confidence_interval_size=CONFIDENCE,
+                random_state=np.random.RandomState(seed),
+            )
+    finally:
+        np.random.set_state(saved)
     return Interval(
         float(point["cell"][0]), float(ci["cell"][0, 0]), float(ci["cell"][1, 0]), len(a)
     )
