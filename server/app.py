@@ -168,6 +168,7 @@ class PolicyServer:
                 await self._probe_server.stop(None)
             self.servicer.reaper.stop()
 
+        self.servicer.mark_draining()  # now, not when the loop gets to go(): /ready is 503
         future = asyncio.run_coroutine_threadsafe(go(), self.loop)
         future.add_done_callback(lambda _: done.set())
         return done

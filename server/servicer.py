@@ -352,12 +352,17 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         )
 
     # -- lifecycle and counters -------------------------------------------------------------
+    def mark_draining(self) -> None:
+        """Say the drain has begun (/ready 503, splitedge_serving 0, no new sessions): safe
+        from any thread, so a caller of PolicyServer.stop() sees it as soon as stop() returns."""
+        self._draining = True
+        self.metrics.serving.set(0)
+
     def begin_drain(self) -> None:
         """Stop keeping streams open: idle ones end now, busy ones after their current reply.
 
         Call it on the event loop thread (it cancels the idle streams' reads)."""
-        self._draining = True
-        self.metrics.serving.set(0)
+        self.mark_draining()
         for task in list(self._idle_streams):
             task.cancel()
 
