@@ -404,24 +404,38 @@ class PolicyClient:
         that value in every component, clipped into the action space's bounds."""
         return self._initial_action()
 
-    def send(self, frame: np.ndarray, actions_in_flight: list[Any] | None = None) -> Sent | None:
+    def send(
+        self, frame: np.ndarray, actions_in_flight: list[Any] | None = None, tick: int = 0,
+        episode: int = 0,
+    ) -> Sent | None:  # fmt: skip
         """Encode a frame and send it on the stream without waiting (rpc='stream' only); its
         reply comes from poll(). None when not connected (nothing sent; a reconnect starts).
-        A delay-aware bundle needs `actions_in_flight` (edge/history.py). Use either act()
-        or send()/poll() on one client, not both."""
+        A delay-aware bundle needs `actions_in_flight` (edge/history.py), or, when its server
+        keeps them, the observation's `tick` in its episode (from 1) and an `episode` id
+        (server/stream_history.py). Use either act() or send()/poll() on one client, not both."""
         if self.config.rpc != "stream":
             raise SplitedgeError("send() needs rpc='stream'; the real-time loop cannot use unary")
         t0 = time.perf_counter()
         tensor = self._encode(frame)
-        history = request_history(actions_in_flight, self._action, self.realtime.action_history)
+        if self.realtime.server_history and actions_in_flight is None:
+            if tick < 1:
+                raise SplitedgeError(
+                    "this bundle's server keeps the actions in flight: send() needs the "
+                    "observation's tick in its episode (from 1) and the episode's id"
+                )
+            history = None
+        else:
+            depth = self.realtime.action_history
+            history = request_history(actions_in_flight, self._action, depth)
         encode_ms = (time.perf_counter() - t0) * 1e3
         try:
             _, stream, session = self._wait_connected(time.perf_counter())  # never waits
             assert stream is not None
             self._step += 1
             request = pb.ActRequest(
-                step=self._step, session_id=session, input=tensor, actions_in_flight=history
-            )
+                step=self._step, session_id=session, input=tensor, actions_in_flight=history,
+                tick=tick, episode=episode,
+            )  # fmt: skip
             stream.send(request, self._replies)
         except Down:
             return None

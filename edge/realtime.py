@@ -20,8 +20,10 @@ of an unbounded queue. After the last tick the loop waits up to drain_s for repl
 in flight, for their latency only. The clock is injectable so tests run in exact ticks.
 
 Two bundles hide the link's latency (policy.realtime, splitedge/realtime_spec.py): a
-delay-aware head is sent, with each observation, the actions chosen for the ticks before
-it as far as the device knows them (edge/history.py); a chunking head answers H actions,
+delay-aware head reads, with each observation, the actions chosen for the ticks before
+it: the device sends them as far as it knows them (edge/history.py), or, for a bundle
+whose server keeps them, sends the observation's tick in its episode and the server fills
+them from its own answers (server/stream_history.py); a chunking head answers H actions,
 which edge/chunks.py's ChunkPlayer plays from the newest chunk (replace, not blend), the
 age then being the ticks since the played chunk's observation.
 """
@@ -29,6 +31,7 @@ age then being the ticks since the played chunk's observation.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,7 +91,11 @@ class StreamingPolicy(Protocol):
     def default_action(self) -> Any: ...
 
     # None: not connected, nothing sent; actions_in_flight only for a delay-aware bundle
-    def send(self, frame: Any, actions_in_flight: list[Any] | None = None) -> Sent | None: ...
+    # whose device sends them, tick and episode (wire ids) for one whose server keeps them
+    def send(
+        self, frame: Any, actions_in_flight: list[Any] | None = None, tick: int = 0,
+        episode: int = 0,
+    ) -> Sent | None: ...  # fmt: skip
 
     def poll(self) -> list[Reply]: ...  # arrived since the last poll; never waits
 
@@ -162,7 +169,11 @@ def run_realtime(
     episode, ep_return = 0, 0.0
     spec = getattr(policy, "realtime", None)  # a bundle's latency hiding (None: plain)
     depth = spec.action_history if spec is not None else 0
-    history = ActionHistory(depth, default) if depth else None
+    server_kept = bool(spec is not None and spec.server_history)
+    history = ActionHistory(depth, default) if depth and not server_kept else None
+    # a server-kept history is keyed by (episode, tick) on the stream: ids unique to this
+    # run, so a second run on the same stream never reads the first one's answers
+    run_id, ep_start = secrets.randbits(31) << 20, 0
     player = ChunkPlayer(default) if spec is not None and spec.chunk_length > 1 else None
     if spec is not None:
         result.strategy = spec.describe()
@@ -196,6 +207,8 @@ def run_realtime(
         if len(pending) < max_in_flight:
             if history is not None:
                 sent = policy.send(obs, history.window(k, held))
+            elif server_kept:
+                sent = policy.send(obs, tick=k - ep_start + 1, episode=run_id + episode + 1)
             else:
                 sent = policy.send(obs)
         if sent is None:
@@ -214,7 +227,7 @@ def run_realtime(
             result.episode_returns.append(ep_return)
             episode, ep_return = episode + 1, 0.0
             obs, _ = env.reset(seed=seed + episode)
-            held, held_from = default, None
+            held, held_from, ep_start = default, None, k + 1
             if history is not None:
                 history.start_episode(k + 1)
             if player is not None:

@@ -4,7 +4,8 @@ The same rules as the device's real-time loop and as training under a delay: eac
 (or chunk) arrives d ticks after its observation, d drawn per tick from the link's round
 trip and jitter at the control rate (models/delay_wrapper.py's LinkDelay); a plain bundle's
 newest arrived action is held ("hold"), a delay-aware bundle also reads the actions in
-flight as the device knows them, and a chunking bundle's chunks are played by ChunkPlayer.
+flight (those the server chose, or as the device knows them: the bundle's
+history_source), and a chunking bundle's chunks are played by ChunkPlayer.
 The policy is the bundle's full.onnx, run with onnxruntime, deterministic; no network and
 no wall clock, so every strategy (and every seed of a study) is compared on equal terms
 and the numbers repeat. `splitedge measure --loop realtime` is the same question over a
@@ -12,6 +13,7 @@ real (emulated) link.
 
     python -m models.delay_eval --bundle models/zoo/pendulum-sac --link 3g [--episodes 20]
     python -m models.delay_eval --bundle models/zoo/pendulum-sac --link sync   # no delay
+    python -m models.delay_eval --bundle models/zoo/pendulum-sac --link 3g --ceiling
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import gymnasium
 import numpy as np
 
 from deploy.link.profiles import get_profile
@@ -46,8 +49,11 @@ def evaluate_bundle(
     seed: int = EVAL_SEED,
     control_hz: float | None = None,
     extra_ms: float = DELAY_EXTRA_MS,
+    ceiling: bool = False,
 ) -> dict[str, Any]:
-    """Mean and per-episode returns of the bundle under `link`'s delay (see module doc)."""
+    """Mean and per-episode returns of the bundle under `link`'s delay (see module doc).
+    `ceiling`: a plain bundle turn by turn, but from the tick its first reply could arrive
+    on the link (the default action before): what no strategy can beat there."""
     bundle = load_bundle(bundle_path)
     policy = bundle.policy
     spec = realtime_spec(policy, f"bundle {bundle_path}")
@@ -59,6 +65,8 @@ def evaluate_bundle(
         delay, extra_ms = LinkDelay(1.0 / hz, 0.0), 0.0
     else:
         delay = LinkDelay.from_profile(get_profile(link, links_file), 1.0 / hz, extra_ms)
+    if ceiling and (link == SYNC or spec.strategy != "hold"):
+        raise SplitedgeError("--ceiling is for a plain bundle on a link (not sync)")
     if spec.action_history and spec.action_history != delay.max_ticks:
         raise SplitedgeError(
             f"the bundle reads {spec.action_history} actions in flight, link {link} at {hz:g} Hz "
@@ -69,10 +77,14 @@ def evaluate_bundle(
     returns = []
     for episode in range(episodes):
         env: Any = make_env(name, **kwargs)
-        if spec.chunk_length > 1:
+        if ceiling:
+            first = delay.draw(np.random.default_rng(seed + episode))
+            env = DelayedActions(ImageDict(FirstReplyAt(env, first)), LinkDelay(1.0 / hz, 0.0))
+        elif spec.chunk_length > 1:
             env = ChunkedActions(env, spec.chunk_length, delay, seed + episode)
         else:
-            env = DelayedActions(ImageDict(env), delay, seed + episode, history="known")
+            history = "chosen" if spec.server_history else "known"  # who supplies it
+            env = DelayedActions(ImageDict(env), delay, seed + episode, history=history)
         obs, _ = env.reset(seed=seed + episode)
         done, total = False, 0.0
         while not done:
@@ -82,7 +94,7 @@ def evaluate_bundle(
         returns.append(total)
     return {
         "bundle": f"{bundle.name} {bundle.version}",
-        "strategy": spec.describe(),
+        "strategy": "ceiling" if ceiling else spec.describe(),
         "link": link,
         "control_hz": hz,
         "delay_ticks_max": delay.max_ticks,
@@ -91,6 +103,28 @@ def evaluate_bundle(
         "mean_return": float(np.mean(returns)),
         "returns": returns,
     }
+
+
+class FirstReplyAt(gymnasium.Wrapper):  # type: ignore[type-arg]
+    """An env that applies the default action (zeros clipped into the bounds, or 0) for its
+    first `ticks` ticks of each episode, whatever it is given: no reply has arrived yet."""
+
+    def __init__(self, env: Any, ticks: int):
+        super().__init__(env)
+        self.ticks, self._tick = ticks, 0
+        space = env.action_space
+        self.default: Any = (
+            int(space.start) if isinstance(space, gymnasium.spaces.Discrete)
+            else np.clip(np.zeros(space.shape, space.dtype), space.low, space.high)
+        )  # fmt: skip
+
+    def reset(self, **kwargs: Any) -> Any:
+        self._tick = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action: Any) -> Any:
+        self._tick += 1
+        return self.env.step(self.default if self._tick <= self.ticks else action)
 
 
 def _act(full: Any, obs: Any, history: int, discrete: bool, action: dict[str, Any]) -> Any:
@@ -125,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--extra-ms", type=float, default=DELAY_EXTRA_MS, help="off-link ms per decision"
     )
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="a plain bundle turn by turn, but acting only from the tick its first reply "
+        "could arrive on --link: the most any latency hiding can keep there",
+    )
     args = p.parse_args(argv)
     try:
         result = evaluate_bundle(
             args.bundle, args.link, args.links_file, args.episodes, args.seed, args.control_hz,
-            args.extra_ms,
+            args.extra_ms, args.ceiling,
         )  # fmt: skip
     except SplitedgeError as e:
         print(f"delay_eval: error: {e}")

@@ -52,9 +52,11 @@ def spec_of(record: dict[str, Any] | None) -> RealtimeSpec:
     """The bundle's policy.realtime for a training record."""
     if record is None:
         return RealtimeSpec()
+    source = "server" if record.get("history") == "server" else "device"
     return RealtimeSpec(
-        int(record["chunk_length"]), int(record["action_history"]), float(record["control_hz"])
-    )
+        int(record["chunk_length"]), int(record["action_history"]), float(record["control_hz"]),
+        source,
+    )  # fmt: skip
 
 
 def read_delay_aware(model: Any, algo: str) -> Actor:

@@ -5,8 +5,11 @@ models/delay_eval.py turn by turn (`sync`) and, per link, holding the newest act
 the link's delay (`hold`). Per seed and link: a delay-aware policy (`--delay-profile
 LINK`) and a chunking one (`--chunk H --delay-profile LINK`, H one more than the link's
 longest delay in ticks unless --chunk says), trained, exported and scored under that
-link's delay. Every score is the same deterministic delay_eval, so the strategies compare
-on equal terms. Each step is a `nice -n 19` subprocess, skipped when its output exists
+link's delay. Per seed and link also a delay-aware policy distilled from that seed's
+plain one (`--delay-profile LINK --distill-from PLAIN`, models/delay_distill.py), and the
+plain policy's ceiling on the link: turn by turn, but acting only from the tick its first
+reply could arrive (`delay_eval --ceiling`), the most any strategy can keep there. Every
+score is the same deterministic delay_eval, so the strategies compare on equal terms. Each step is a `nice -n 19` subprocess, skipped when its output exists
 (resumable); `--jobs` chains run side by side. Writes `<runs>/summary.json` (per task and
 link: each strategy's per-seed mean return, plus sync and random) for
 deploy/realtime_study.py's statistics.
@@ -26,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("hold", "delay-aware", "chunk")
+STRATEGIES = ("hold", "delay-aware", "chunk", "distilled")
 Step = tuple[Path, list[str]]  # (output that marks the step done, argv)
 
 
@@ -66,10 +69,13 @@ def chain(
         "hold": [],
         "delay-aware": ["--delay-profile", link, *links, *rate],
         "chunk": ["--chunk", str(chunk), "--delay-profile", link, *links, *rate],
-    }[strategy]
+        "distilled": ["--delay-profile", link, *links, *rate, "--distill-from",
+                      str(run_dir(runs, args, "hold", link, seed))],
+    }[strategy]  # fmt: skip
+    steps = args.distill_timesteps if strategy == "distilled" else args.timesteps
     train = [
         "-m", "splitedge", "train", "--task", args.task, "--algo", args.algo, "--seed", str(seed),
-        "--timesteps", str(args.timesteps), "--out", str(run), "--no-progress", "--json", *flags,
+        "--timesteps", str(steps), "--out", str(run), "--no-progress", "--json", *flags,
     ]  # fmt: skip
     export = ["-m", "splitedge", "export", "--model", str(run / "model.zip"), "--out",
               str(run / "bundle"), "--json"]  # fmt: skip
@@ -81,7 +87,11 @@ def chain(
 
     out = [(run / "result.json", train), (run / "bundle" / "manifest.json", export)]
     if strategy == "hold":
-        return out + [score(where) for where in ("sync", *args.links)]
+        ceilings = [
+            (run / f"delay_eval-ceiling-{where}.json", [*score(where)[1], "--ceiling"])
+            for where in args.links
+        ]
+        return out + [score(where) for where in ("sync", *args.links)] + ceilings
     return out + [score(link)]
 
 
@@ -111,7 +121,8 @@ def _mean_return(path: Path) -> float | None:
 def summary(runs: Path, args: argparse.Namespace, ticks: dict[str, int], hz: float) -> dict:
     """Per link and strategy, each finished seed's mean return; sync and random per seed."""
     out: dict[str, Any] = {"task": args.task, "algo": args.algo, "control_hz": hz,
-                           "timesteps": args.timesteps, "episodes": args.episodes}  # fmt: skip
+                           "timesteps": args.timesteps, "episodes": args.episodes,
+                           "distill_timesteps": args.distill_timesteps}  # fmt: skip
     plain = {s: run_dir(runs, args, "hold", "", s) for s in args.seeds}
     out["sync"] = {s: _mean_return(p / "delay_eval-sync.json") for s, p in plain.items()}
     out["random"] = {
@@ -130,6 +141,9 @@ def summary(runs: Path, args: argparse.Namespace, ticks: dict[str, int], hz: flo
                 s: _mean_return(run_dir(runs, args, strategy, link, s) / f"delay_eval-{link}.json")
                 for s in args.seeds
             }
+        cell["ceiling"] = {  # the plain policy, acting only from the first reply's tick on
+            s: _mean_return(p / f"delay_eval-ceiling-{link}.json") for s, p in plain.items()
+        }
         out["links"][link] = cell
     return out
 
@@ -150,6 +164,9 @@ def main() -> int:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--chunk", type=int, default=0, help="default: each link's max delay + 1")
     ap.add_argument("--timesteps", type=int, default=10_000)
+    ap.add_argument(
+        "--distill-timesteps", type=int, default=24_000, help="env steps of a distillation"
+    )
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--jobs", type=int, default=2)
@@ -167,6 +184,9 @@ def main() -> int:
         for seed in args.seeds
     ]
     todo = [] if args.summary_only else [c for c in chains if not all(d.exists() for d, _ in c)]
+    # the plain chains first, all of them: a distilled chain's teacher is its seed's plain run
+    plain = {run_dir(runs, args, "hold", "", seed) for seed in args.seeds}
+    first = [c for c in todo if c[0][0].parent in plain]
 
     def run(steps: list[Step]) -> None:
         t0, where = time.time(), steps[-1][0]
@@ -175,7 +195,9 @@ def main() -> int:
         print(f"done  {where} rc={code} {time.time() - t0:.0f}s", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run, todo))
+        list(pool.map(run, first))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, [c for c in todo if c not in first]))
     result = summary(runs, args, ticks, hz)
     (runs / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

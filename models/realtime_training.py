@@ -5,7 +5,9 @@ Two ways for the policy to hide the link's latency, chosen by the flags:
 - delay-aware (`--delay-profile LINK`): the env's actions arrive d ticks late, d drawn per
   step from the link's round trip at the control rate (models/delay_wrapper.py), and the
   policy reads the last D = the link's longest delay in ticks actions next to its
-  encoder's features, as the device can send them (`history="known"`, edge/history.py).
+  encoder's features: the ones it chose, as the server keeps them per stream
+  (`history: "server"`, server/stream_history.py). With `--distill-from RUN` the head
+  learns by imitating a plain policy instead of by RL (models/delay_distill.py).
   The observation becomes {"image": frame, "actions_in_flight": (D, width)}; the image
   goes through the usual encoder and the actions join its features before the head.
 - chunk (`--chunk H`, H > 1): the policy answers with the next H actions
@@ -36,7 +38,13 @@ IMAGE_KEY = "image"
 # decisions took p50 305.5 / p95 324 ms against a 300 ms round trip, so 3g at 20 Hz is
 # 7 ticks on the device, not 6; 10 ms covers the median here. --delay-extra-ms changes it.
 DELAY_EXTRA_MS = 10.0
-HISTORY_MODE = "known"  # what the device can send (edge/history.py)
+# Who supplies a delay-aware head's actions in flight (splitedge/realtime_spec.py's
+# history_source): the server, from its own answers (server/stream_history.py). It knows
+# the replies still on their way down, which the device cannot ("known", edge/history.py:
+# at a constant delay of D ticks that list is the held action D times over). Runs
+# recorded with history "known" still rebuild and export as device-history bundles.
+HISTORY_MODE = "server"
+WRAPPER_HISTORY = {"server": "chosen", "known": "known"}  # record -> DelayedActions mode
 
 
 def resolve(
@@ -132,7 +140,7 @@ def wrap_env(env: Any, record: dict[str, Any] | None, seed: int | None = None) -
     if record["chunk_length"] > 1:
         return ChunkedActions(env, record["chunk_length"], delay, seed)
     assert delay is not None  # resolve() gives a history only with a link
-    return DelayedActions(ImageDict(env), delay, seed, history=record["history"])
+    return DelayedActions(ImageDict(env), delay, seed, history=WRAPPER_HISTORY[record["history"]])
 
 
 class InFlightExtractor(BaseFeaturesExtractor):

@@ -41,6 +41,8 @@ class TrainConfig:
     :param chunk: actions per answer (> 1: action chunks; continuous actions only)
     :param control_hz: the control rate the delay is counted in (None: the env's own)
     :param delay_extra_ms: time a decision spends off the link, added to its round trip
+    :param distill_from: a plain run to imitate under the delay instead of RL
+        (models/delay_distill.py; needs delay_profile, continuous actions, no chunk)
     """
 
     task: str = "cartpole-pixels"
@@ -59,6 +61,7 @@ class TrainConfig:
     chunk: int = 1
     control_hz: float | None = None
     delay_extra_ms: float = DELAY_EXTRA_MS
+    distill_from: str | None = None
     # resolved from the four above: what result.json and the bundle record (None: plain)
     realtime: dict[str, Any] | None = field(default=None, init=False)
 
@@ -87,6 +90,16 @@ class TrainConfig:
             self.task, self.encoder, discrete, self.delay_profile, self.links_file,
             self.chunk, self.control_hz, self.delay_extra_ms,
         )  # fmt: skip
+        if self.distill_from is not None:
+            if self.realtime is None or self.realtime["strategy"] != "delay-aware":
+                raise ValueError(
+                    "--distill-from trains a delay-aware head: give --delay-profile, no --chunk"
+                )
+            if discrete:
+                raise ValueError(
+                    f"--distill-from needs continuous actions (sac or ddpg); {self.task} is discrete"
+                )
+            self.realtime["distilled_from"] = str(self.distill_from)
 
 
 class EpisodeCurve(BaseCallback):
@@ -178,7 +191,11 @@ def train(
     if es2 is not None:
         callbacks.append(es2)
     t0 = time.time()
-    model.learn(total_timesteps=cfg.timesteps, progress_bar=progress, callback=callbacks)
+    distilled = None
+    if cfg.distill_from is not None:
+        distilled = _distill(model, cfg, curve, progress)
+    else:
+        model.learn(total_timesteps=cfg.timesteps, progress_bar=progress, callback=callbacks)
     seconds = time.time() - t0
     model.save(out / "model.zip")
     returns = [r for _, r in curve.points]
@@ -188,7 +205,7 @@ def train(
     result = {
         "config": asdict(cfg),
         "command": command or " ".join(shlex.quote(a) for a in ["splitedge", *sys.argv[1:]]),
-        "timesteps": int(model.num_timesteps),
+        "timesteps": int(distilled["steps"] if distilled else model.num_timesteps),
         "train_seconds": round(seconds, 1),
         "final_100_mean_return": float(np.mean(final)) if final else None,
         "final_100_episodes": len(final),
@@ -199,7 +216,38 @@ def train(
         "costs": policy_costs(model, cfg.algo, cfg.encoder),
         "es2_activation_quant": es2.scales if es2 is not None else None,
         "realtime": cfg.realtime,
+        "distill": distilled,
         "curve": {"steps": [s for s, _ in curve.points], "returns": returns},
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _distill(model: Any, cfg: TrainConfig, curve: EpisodeCurve, progress: bool) -> dict[str, Any]:
+    """--distill-from: imitation under the delay in place of model.learn (delay_distill.py).
+    The curve gets one point per DAgger round: the student's mean return under the delay."""
+    from tqdm import tqdm
+
+    from models.delay_distill import DistillConfig, distill, load_teacher
+    from models.realtime_training import link_delay
+
+    assert cfg.distill_from is not None and cfg.realtime is not None
+    teacher = load_teacher(cfg.distill_from, cfg.task, cfg.algo, cfg.encoder)
+    delay = link_delay(cfg.realtime)
+    assert delay is not None
+    dc = DistillConfig.for_budget(cfg.timesteps)
+    bar = tqdm(total=dc.rounds, desc="distil (DAgger rounds)", disable=not progress)
+
+    def on_round(row: dict[str, Any]) -> None:
+        curve.points.append((int(row["steps"]), float(row["student_return"])))
+        if curve.log is not None:
+            with curve.log.open("a") as f:
+                f.write(json.dumps({"step": row["steps"], "return": row["student_return"],
+                                    "s": round(time.time() - curve.t0, 1)}) + "\n")  # fmt: skip
+        bar.set_postfix(ret=f"{row['student_return']:.1f}", loss=f"{row['loss']:.4f}")
+        bar.update()
+
+    try:
+        return distill(model, teacher, cfg.task, delay, cfg.seed, dc, on_round)
+    finally:
+        bar.close()

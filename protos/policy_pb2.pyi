@@ -101,16 +101,20 @@ class HelloReply(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., bundle_name: _Optional[str] = ..., bundle_version: _Optional[str] = ..., encoder_digest: _Optional[str] = ..., feature_spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., observation_spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., action_spec: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class ActRequest(_message.Message):
-    __slots__ = ("session_id", "step", "input", "actions_in_flight")
+    __slots__ = ("session_id", "step", "input", "actions_in_flight", "tick", "episode")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TICK_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     step: int
     input: Tensor
     actions_in_flight: Tensor
-    def __init__(self, session_id: _Optional[int] = ..., step: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., actions_in_flight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tick: int
+    episode: int
+    def __init__(self, session_id: _Optional[int] = ..., step: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., actions_in_flight: _Optional[_Union[Tensor, _Mapping]] = ..., tick: _Optional[int] = ..., episode: _Optional[int] = ...) -> None: ...
 
 class ActReply(_message.Message):
     __slots__ = ("step", "action", "queue_us", "compute_us", "chunk")

@@ -5,7 +5,8 @@ features, the last D actions chosen before that observation: `ActRequest.actions
 shape [D, *action shape] in the action dtype (INT64 for discrete, FLOAT32 for continuous).
 Missing, misshapen, NaN/Inf or out-of-range histories are refused as INVALID_ARGUMENT like
 any other bad input; a history sent to a bundle that reads none is refused too, rather
-than silently ignored. A chunking bundle (chunk_length H > 1) answers H actions: the reply
+than silently ignored. A bundle whose server keeps the history (history_source "server")
+takes it from the stream's record when the request gives a tick (server/stream_history.py). A chunking bundle (chunk_length H > 1) answers H actions: the reply
 carries them all in `chunk` and the first in `action`, for clients that play one action.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from protos import policy_pb2 as pb
 from server.errors import Kind, RequestError, echo
 from server.models import PolicyModels
+from server.stream_history import StreamHistory
 from server.validation import DTYPE_NAMES, PROTO_DTYPES
 
 
@@ -23,9 +25,13 @@ def _invalid(message: str) -> RequestError:
     return RequestError(Kind.INVALID, message)
 
 
-def history_sample(request: pb.ActRequest, models: PolicyModels) -> np.ndarray | None:
+def history_sample(
+    request: pb.ActRequest, models: PolicyModels, record: StreamHistory | None = None
+) -> np.ndarray | None:
     """The request's actions in flight as the head's second input row, or None when the
-    bundle's head reads none; RequestError(INVALID) when they are not what it reads."""
+    bundle's head reads none; RequestError(INVALID) when they are not what it reads.
+    A server-history bundle's stream (`record`) fills them from its own answers when the
+    request gives a tick instead (server/stream_history.py)."""
     spec, sent = models.history, request.HasField("actions_in_flight")
     if spec is None:
         if sent:
@@ -35,6 +41,19 @@ def history_sample(request: pb.ActRequest, models: PolicyModels) -> np.ndarray |
             )
         return None
     want = f"{spec.dtype}{list(spec.shape)}"
+    if not sent and models.realtime.server_history:
+        if record is None:
+            raise _invalid(
+                f"this bundle's server keeps the last {spec.shape[0]} actions per stream: "
+                f"use ActStream with tick and episode, or set actions_in_flight to {want}"
+            )
+        if request.tick < 1:
+            raise _invalid(
+                "this bundle's server keeps the actions in flight per stream: give each "
+                "request its tick in the episode (1 for the first) and the episode number, "
+                f"or set actions_in_flight to {want}"
+            )
+        return record.window(request.episode, request.tick)
     if not sent:
         raise _invalid(
             f"this bundle's head needs the last {spec.shape[0]} actions in flight: set "

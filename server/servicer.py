@@ -33,6 +33,7 @@ from server.realtime_io import history_sample, split_chunk
 from server.reaper import Reaper
 from server.sessions import Sessions, bundle_key
 from server.status import code_for
+from server.stream_history import StreamHistory, stream_history
 from server.validation import (
     DTYPE_NAMES,
     PROTO_DTYPES,
@@ -176,8 +177,11 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             action_spec=tensor_spec(m.action),
         )
 
-    def validate(self, request: pb.ActRequest) -> tuple[DynamicBatcher, Any, float]:
-        """Check a request against its session: (batcher, model sample, decode seconds)."""
+    def validate(
+        self, request: pb.ActRequest, record: StreamHistory | None = None
+    ) -> tuple[DynamicBatcher, Any, float]:
+        """Check a request against its session: (batcher, model sample, decode seconds).
+        `record`: the stream's own answers, for a bundle whose server keeps the history."""
         session = self.sessions.get(request.session_id)
         if not request.HasField("input"):
             raise RequestError(Kind.INVALID, "request has no input tensor")
@@ -186,7 +190,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             sample, batcher = observation_sample(request.input, self.models.observation), self.full
         else:
             sample, batcher = features_sample(request.input, self.models.features), self.head
-        history = history_sample(request, self.models)  # a delay-aware head's second input
+        history = history_sample(request, self.models, record)  # a delay-aware head's 2nd input
         model_input: Any = sample if history is None else (sample, history)
         return batcher, model_input, time.perf_counter() - t0  # decoding counts as compute
 
@@ -198,14 +202,17 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             raise RequestError(Kind.UNAVAILABLE, DRAINING) from e
 
     def answer(
-        self, request: pb.ActRequest, batcher: DynamicBatcher, result: Result, decode_s: float
-    ) -> pb.ActReply:
-        """The reply for a request whose batch came back."""
+        self, request: pb.ActRequest, batcher: DynamicBatcher, result: Result, decode_s: float,
+        record: StreamHistory | None = None,
+    ) -> pb.ActReply:  # fmt: skip
+        """The reply for a request whose batch came back (kept in the stream's `record`)."""
         row, queue_s, compute_s = result
         self._queue_seconds[id(batcher)].observe(queue_s)
         with self._lock:
             self._decisions += 1
         action, chunk = split_chunk(row, self.models)  # a chunking head answers H actions
+        if record is not None and request.tick >= 1:
+            record.answered(request.episode, request.tick, action)
         return pb.ActReply(
             step=request.step,
             action=action_tensor(action),
@@ -230,18 +237,20 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             raise RequestError(Kind.INTERNAL, f"model failed on this input: {e}") from e
         return self.answer(request, batcher, result, decode_s)
 
-    async def decide_async(self, request: pb.ActRequest) -> pb.ActReply:
+    async def decide_async(
+        self, request: pb.ActRequest, record: StreamHistory | None = None
+    ) -> pb.ActReply:
         """decide() for the event loop: frames decode on a worker thread, the model is awaited.
 
         A passed deadline cancels the calling task; the bridge then cancels the batcher's
         future, so the batch skips it.
         """
         if request.input.codec == pb.CODEC_NONE:
-            batcher, sample, decode_s = self.validate(request)
+            batcher, sample, decode_s = self.validate(request, record)
         else:
             loop = asyncio.get_running_loop()
             batcher, sample, decode_s = await loop.run_in_executor(
-                self._decoder_pool(), self.validate, request
+                self._decoder_pool(), self.validate, request, record
             )
         try:
             result = await self.bridge.run(batcher, sample)
@@ -250,7 +259,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         except Exception as e:
             log.exception("model call failed")
             raise RequestError(Kind.INTERNAL, f"model failed on this input: {e}") from e
-        return self.answer(request, batcher, result, decode_s)
+        return self.answer(request, batcher, result, decode_s, record)
 
     def _decoder_pool(self) -> ThreadPoolExecutor:
         if self._decoders is None:
@@ -293,6 +302,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         # no request in flight, so shutdown need not wait out the grace period on idle streams.
         task = asyncio.current_task()
         assert task is not None
+        record = stream_history(self.models)  # this stream's answers (server-history bundles)
         self.metrics.open_streams.inc()
         try:
             while not self._draining:
@@ -319,7 +329,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
                 if request is grpc.aio.EOF:
                     return
                 try:
-                    reply = await self.decide_async(request)
+                    reply = await self.decide_async(request, record)
                 except Exception as e:
                     await self._refuse(context, e, "ActStream")
                 self.metrics.answered("ActStream")

@@ -5,6 +5,7 @@ without any wrapper); with one, a plain bundle holds and the numbers repeat."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -68,3 +69,33 @@ def test_errors_are_one_line(links: Path, capsys: pytest.CaptureFixture[str]) ->
     code = main(["--bundle", str(PENDULUM), "--link", "nowhere", "--links-file", str(links)])
     out = capsys.readouterr().out.strip()
     assert code == 2 and out.count("\n") == 0 and "unknown link profile 'nowhere'" in out
+
+
+def test_first_reply_at_holds_the_default_for_its_ticks() -> None:
+    """delay_eval --ceiling's env: the default action (0 clipped into the bounds) for the
+    first N ticks of each episode whatever it is given, then the given action: by hand."""
+    import gymnasium
+
+    from models.delay_eval import FirstReplyAt
+
+    class Record(gymnasium.Env):  # type: ignore[type-arg]
+        observation_space = gymnasium.spaces.Discrete(2)
+        action_space = gymnasium.spaces.Box(0.5, 2.0, (1,))
+
+        def __init__(self) -> None:
+            self.applied: list[float] = []
+
+        def reset(self, *, seed: int | None = None, options: dict | None = None) -> Any:
+            return 0, {}
+
+        def step(self, action: Any) -> Any:
+            self.applied.append(float(np.asarray(action).reshape(-1)[0]))
+            return 0, 0.0, len(self.applied) % 4 == 0, False, {}
+
+    inner = Record()
+    env = FirstReplyAt(inner, 2)
+    for _ in range(2):
+        env.reset()
+        for a in (1.0, 1.25, 1.5, 1.75):
+            env.step(np.array([a], np.float32))
+    assert inner.applied == [0.5, 0.5, 1.5, 1.75] * 2

@@ -147,6 +147,36 @@ def test_new_episode_drops_the_held_action_and_old_replies() -> None:
     assert result.episode_returns == [4.0, 4.0] and result.partial_return == 0.0
 
 
+def test_a_server_kept_history_is_sent_as_ticks_in_the_episode() -> None:
+    """A bundle whose server keeps the actions in flight gets, per send, the observation's
+    tick in its episode (from 1) and an episode id unique to the run: by hand, two
+    episodes of 3 ticks give ticks 1 2 3 1 2 3 and two ids that differ by one."""
+    from splitedge.realtime_spec import RealtimeSpec
+
+    class Kept(ScriptedPolicy):
+        realtime = RealtimeSpec(action_history=2, history_source="server")
+
+        def send(self, frame: Any, actions_in_flight: Any = None, tick: int = 0,
+                 episode: int = 0) -> Sent:  # fmt: skip
+            assert actions_in_flight is None
+            self.sent.append((tick, episode))
+            return super().send(frame)
+
+    clock = FakeClock()
+    runs = []
+    for _ in range(2):
+        policy = Kept(clock, [1] * 6)
+        policy.sent = []  # type: ignore[attr-defined]
+        result = run_realtime(policy, TickEnv(episode_len=3), T, 6, clock=clock)
+        runs.append(policy.sent)  # type: ignore[attr-defined]
+        assert result.strategy == "delay-aware (history 2, server-kept)"
+    for sent in runs:
+        assert [t for t, _ in sent] == [1, 2, 3, 1, 2, 3]
+        first, second = sent[0][1], sent[3][1]
+        assert first >= 1 and second == first + 1 and {e for _, e in sent} == {first, second}
+    assert runs[0][0][1] != runs[1][0][1]  # another run on the same stream: other ids
+
+
 def test_zero_delay_is_age_zero_and_nothing_stale() -> None:
     result, env = _run([0] * 5, 5)
     assert result.ages == [0] * 5 and env.applied == [0, 1, 2, 3, 4]

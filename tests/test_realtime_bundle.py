@@ -22,6 +22,7 @@ from edge.wire import from_tensor, to_tensor
 from protos import policy_pb2 as pb
 from splitedge.bundle import load_bundle
 from splitedge.cli import main
+from splitedge.errors import SplitedgeError
 from tests.test_server import Served, T, feature_tensor, frame_tensor, session, start, stop
 
 # 20 Hz (pixel Pendulum's dt 0.05 s); one-way 55 +- 10 ms and 10 ms off the link (the
@@ -102,6 +103,9 @@ def test_manifests_say_the_strategy(delay_bundle: Path, chunk_bundle: Path) -> N
     assert (delay["strategy"], delay["chunk_length"], delay["action_history"]) == (
         "delay-aware", 1, HISTORY,
     )  # fmt: skip
+    # the server keeps its history (format /2); a chunk bundle stays format /1
+    assert (delay["format"], delay["history_source"]) == ("splitedge-realtime/2", "server")
+    assert load_bundle(chunk_bundle).policy["realtime"]["format"] == "splitedge-realtime/1"
     assert math.isclose(delay["control_hz"], 20.0)
     chunk = load_bundle(chunk_bundle).policy
     assert (chunk["realtime"]["chunk_length"], chunk["realtime"]["action_history"]) == (CHUNK, 0)
@@ -174,7 +178,7 @@ def _refused(s: Served, history: pb.Tensor | None) -> grpc.RpcError:
 @pytest.mark.parametrize(
     ("history", "message"),
     [
-        (None, "needs the last 3 actions in flight"),
+        (None, "keeps the last 3 actions per stream: use ActStream with tick"),
         (to_tensor(np.zeros((2, 1), np.float32)), r"shape \[2, 1\] != expected \[3, 1\]"),
         (to_tensor(np.zeros((4, 1), np.float32)), r"shape \[4, 1\] != expected \[3, 1\]"),
         (to_tensor(np.zeros((3, 1), np.int64)), "must be float32"),
@@ -230,7 +234,7 @@ def test_delay_eval_plays_each_strategy(
 ) -> None:
     from models.delay_eval import evaluate_bundle
 
-    for bundle, strategy in ((delay_bundle, f"delay-aware (history {HISTORY})"),
+    for bundle, strategy in ((delay_bundle, f"delay-aware (history {HISTORY}, server-kept)"),
                              (chunk_bundle, f"chunk {CHUNK}")):  # fmt: skip
         result = evaluate_bundle(bundle, "rt-test", links, episodes=1)
         assert result["strategy"] == strategy and result["delay_ticks_max"] == HISTORY
@@ -261,3 +265,67 @@ def test_flag_combinations_are_one_line(
     assert main([*base, *flags]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def _kept_request(s: Served, sid: int, f: np.ndarray, tick: int, episode: int) -> pb.ActRequest:
+    return pb.ActRequest(
+        session_id=sid, step=tick, input=feature_tensor(s, f), tick=tick, episode=episode
+    )
+
+
+def test_server_keeps_each_streams_history(delay_served: Served) -> None:
+    """No actions_in_flight, only ticks: each reply is head.onnx on the features and the
+    server's own answers for the 3 ticks before (0 before the episode; a tick never sent
+    holds the answer before it; a new episode starts afresh), computed here by hand."""
+    feats = _features(delay_served, 12, seed=7)
+    plan = [(7, t) for t in (1, 2, 3, 4, 6, 7, 8)] + [(8, t) for t in (1, 2, 3, 4, 5)]
+    sid = session(delay_served)
+    requests = [
+        _kept_request(delay_served, sid, f, t, e) for f, (e, t) in zip(feats, plan, strict=True)
+    ]
+    replies = list(delay_served.stub.ActStream(iter(requests), timeout=T))
+    answers: dict[tuple[int, int], float] = {}
+    for f, (e, t), reply in zip(feats, plan, replies, strict=True):
+        window = []
+        for j in range(t - HISTORY, t):
+            before = [a for (ee, tt), a in sorted(answers.items()) if ee == e and tt <= j]
+            window.append(before[-1] if j >= 1 and before else 0.0)
+        hist = np.asarray(window, np.float32).reshape(1, HISTORY, 1)
+        want = _onnx(delay_served.bundle, "head.onnx", features=f[None], actions_in_flight=hist)
+        got = from_tensor(reply.action)
+        assert np.allclose(got, want[0], atol=1e-6), (e, t, window)
+        answers[(e, t)] = float(np.asarray(got).reshape(-1)[0])
+    # a second stream starts with an empty record: its tick 4 of episode 7 reads zeros
+    again = list(delay_served.stub.ActStream(iter([requests[3]]), timeout=T))
+    zeros = _onnx(delay_served.bundle, "head.onnx", features=feats[3][None],
+                  actions_in_flight=np.zeros((1, HISTORY, 1), np.float32))  # fmt: skip
+    assert np.allclose(from_tensor(again[0].action), zeros[0], atol=1e-6)
+
+
+def test_a_kept_history_needs_a_stream_and_a_tick(delay_served: Served) -> None:
+    sid = session(delay_served)
+    f = _features(delay_served, 1)[0]
+    with pytest.raises(grpc.RpcError) as unary:  # one call has no stream to keep it on
+        delay_served.stub.Act(_kept_request(delay_served, sid, f, 3, 1), timeout=T)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "use ActStream with tick and episode" in unary.value.details()
+    no_tick = pb.ActRequest(session_id=sid, step=1, input=feature_tensor(delay_served, f))
+    with pytest.raises(grpc.RpcError) as stream:
+        list(delay_served.stub.ActStream(iter([no_tick]), timeout=T))
+    assert stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "give each request its tick in the episode" in stream.value.details()
+
+
+def test_the_real_time_loop_sends_ticks_for_a_kept_history(delay_served: Served) -> None:
+    from edge.envs import make_env
+
+    client = PolicyClient(
+        load_bundle(delay_served.bundle),
+        ClientConfig(server=f"127.0.0.1:{delay_served.port}", backend="ort"),
+    )
+    with client.connect():
+        with pytest.raises(SplitedgeError, match="needs the observation's tick"):
+            client.send(np.zeros(delay_served.obs_shape, np.uint8))
+        result = run_realtime(client, make_env("pendulum-pixels"), 0.02, 12, drain_s=5.0)
+    assert result.strategy == f"delay-aware (history {HISTORY}, server-kept)"
+    assert len(result.records) == 12 - result.unsent and not any(r.fallback for r in result.records)

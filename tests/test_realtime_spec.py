@@ -15,7 +15,7 @@ import pytest
 from server.models import PolicyModels
 from splitedge.bundle import write_manifest
 from splitedge.errors import SplitedgeError
-from splitedge.realtime_spec import FORMAT, RealtimeSpec, realtime_spec
+from splitedge.realtime_spec import FORMAT, FORMAT_V2, RealtimeSpec, realtime_spec
 from tests.conftest import ZOO_BUNDLE
 
 
@@ -35,6 +35,11 @@ def test_a_bundle_without_the_section_is_a_plain_head() -> None:
         ({"chunk_length": 8, "control_hz": 20}, "chunk", "chunk 8"),
         ({"action_history": 7, "control_hz": 20.0}, "delay-aware", "delay-aware (history 7)"),
         ({"control_hz": None}, "hold", "hold"),
+        (
+            {"format": FORMAT_V2, "action_history": 7, "history_source": "server"},
+            "delay-aware",
+            "delay-aware (history 7, server-kept)",
+        ),
     ],
 )
 def test_good_sections(changes: dict[str, Any], strategy: str, text: str) -> None:
@@ -57,6 +62,14 @@ def test_good_sections(changes: dict[str, Any], strategy: str, text: str) -> Non
         ({"control_hz": float("nan")}, "control_hz must be a number > 0"),
         ({"format": "splitedge-realtime/9"}, "format is 'splitedge-realtime/9'"),
         ({"chunk_length": 4, "strategy": "delay-aware"}, "does not match"),
+        # history_source: only in format /2, only "server" there, only with a history
+        ({"action_history": 3, "history_source": "server"}, "history_source needs format"),
+        ({"format": FORMAT_V2, "action_history": 3}, "is for history_source 'server'"),
+        (
+            {"format": FORMAT_V2, "action_history": 3, "history_source": "cloud"},
+            "history_source must be one of",
+        ),
+        ({"format": FORMAT_V2, "history_source": "server"}, "with action_history > 0"),
     ],
 )
 def test_bad_sections_are_one_line(changes: dict[str, Any], message: str) -> None:
@@ -73,6 +86,20 @@ def test_not_an_object() -> None:
 def test_the_dataclass_refuses_bad_values() -> None:
     with pytest.raises(ValueError, match="chunk_length"):
         RealtimeSpec(chunk_length=0)
+    with pytest.raises(ValueError, match="history_source"):
+        RealtimeSpec(action_history=2, history_source="cloud")
+
+
+def test_export_names_who_keeps_the_history() -> None:
+    """A run recorded with the device's history (before the server kept it) still exports
+    as format /1, so its bundle behaves as it did; a server-history run as format /2."""
+    from models.realtime_export import spec_of
+
+    record = {"chunk_length": 1, "action_history": 7, "control_hz": 20.0}
+    device = spec_of({**record, "history": "known"})
+    server = spec_of({**record, "history": "server"})
+    assert (device.server_history, device.to_manifest()["format"]) == (False, FORMAT)
+    assert (server.server_history, server.to_manifest()["format"]) == (True, FORMAT_V2)
 
 
 def relabelled(tmp_path: Path, **realtime: Any) -> Path:

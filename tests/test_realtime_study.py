@@ -19,7 +19,8 @@ SEEDS = [0, 1, 2, 3, 4]
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(task="pendulum-pixels", algo="sac", links=["wifi", "3g"], links_file=None,
-                timesteps=100, episodes=3, seeds=SEEDS, chunk=0, control_hz=None)  # fmt: skip
+                timesteps=100, episodes=3, seeds=SEEDS, chunk=0, control_hz=None,
+                distill_timesteps=2400)  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -27,9 +28,22 @@ def test_the_plain_policy_is_trained_once_and_scored_sync_and_on_every_link(tmp_
     steps = chain(tmp_path, _args(), "hold", "wifi", 3, 0)
     outputs = [done.name for done, _ in steps]
     assert outputs == ["result.json", "manifest.json", "delay_eval-sync.json",
-                       "delay_eval-wifi.json", "delay_eval-3g.json"]  # fmt: skip
+                       "delay_eval-wifi.json", "delay_eval-3g.json",
+                       "delay_eval-ceiling-wifi.json", "delay_eval-ceiling-3g.json"]  # fmt: skip
     assert steps[0][0].parent.name == "pendulum-pixels-sac-plain-s3"
     assert "--delay-profile" not in steps[0][1]
+    ceiling = steps[-1][1]
+    assert ceiling[-1] == "--ceiling" and ceiling[ceiling.index("--link") + 1] == "3g"
+
+
+def test_a_distilled_policy_learns_from_its_seeds_plain_one(tmp_path: Path) -> None:
+    steps = chain(tmp_path, _args(), "distilled", "3g", 2, 0)
+    train = steps[0][1]
+    teacher = train[train.index("--distill-from") + 1]
+    assert teacher == str(tmp_path / "pendulum-pixels-sac-plain-s2")
+    assert train[train.index("--timesteps") + 1] == "2400"
+    assert train[train.index("--delay-profile") + 1] == "3g"
+    assert steps[0][0].parent.name == "pendulum-pixels-sac-distilled-3g-s2"
 
 
 def test_a_chunk_policy_covers_the_links_longest_delay(tmp_path: Path) -> None:
@@ -59,7 +73,8 @@ def _study(tmp_path: Path) -> Path:
         "links": {"3g": {"delay_ticks_max": 7, "chunk_length": 8,
                          "hold": {str(s): -900.0 + s for s in SEEDS},
                          "delay-aware": {str(s): None for s in SEEDS},
-                         "chunk": {str(s): -200.0 - s for s in SEEDS}}},
+                         "chunk": {str(s): -200.0 - s for s in SEEDS},
+                         "ceiling": {str(s): -160.0 for s in SEEDS}}},
     }  # fmt: skip
     (study / "summary.json").write_text(json.dumps(summary))
     for s in SEEDS:
@@ -80,12 +95,15 @@ def test_report_normalises_between_random_and_the_sync_iqm(tmp_path: Path) -> No
     )  # rliable trims 1 of 5
     assert summary["sync_iqm"] == pytest.approx(sync_iqm)
     by = {(r["link"], r["strategy"]): r for r in rows}
-    assert set(by) == {("none (sync)", "sync"), ("3g", "hold"), ("3g", "chunk")}  # no DA seeds
+    assert set(by) == {
+        ("none (sync)", "sync"), ("3g", "hold"), ("3g", "chunk"), ("3g", "ceiling"),
+    }  # no delay-aware seeds: no row  # fmt: skip
     hold = by[("3g", "hold")]
     assert hold["norm"][0] == pytest.approx((-900.0 + 1200.0) / (sync_iqm + 1200.0))
     assert hold["rtt_ms"] == 300 and len(hold["real"]) == 5 and not by[("3g", "chunk")]["real"]
     goal = realtime_study.goal_lines(rows)
-    assert "3g: hold keeps 0.29, best chunk keeps 0.95: **met**" in "\n".join(goal)
+    # the ceiling is a reference, not a strategy that could meet the goal
+    assert "3g: hold keeps 0.29, best chunk keeps 0.95 (ceiling 0.99): **met**" in "\n".join(goal)
 
 
 def test_report_writes_the_markdown_and_plot(

@@ -90,6 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="control rate for --delay-profile/--chunk (default: the env's own, from its dt "
         "or tau)",
     )
+    p.add_argument(
+        "--distill-from",
+        default=None,
+        metavar="RUN",
+        help="with --delay-profile: learn the delay-aware head by imitating RUN, a plain "
+        "policy of the same task, algo and encoder (sac/ddpg), instead of by RL: its encoder "
+        "is kept and the head learns the teacher's action for the tick its own action will "
+        "apply at (DIDA-style DAgger, models/delay_distill.py); --timesteps is then its budget of env "
+        "steps (24000 fits Pendulum in ~2 min)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -115,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             chunk=args.chunk,
             control_hz=args.control_hz,
             delay_extra_ms=args.delay_extra_ms,
+            distill_from=args.distill_from,
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
@@ -151,7 +162,8 @@ def _suffix(cfg: object) -> str:
     """-<link> and/or -chunk<H> in the default run directory's name."""
     link = getattr(cfg, "delay_profile", None)
     chunk = getattr(cfg, "chunk", 1)
-    return (f"-{link}" if link else "") + (f"-chunk{chunk}" if chunk > 1 else "")
+    distilled = "-distilled" if getattr(cfg, "distill_from", None) else ""
+    return (f"-{link}" if link else "") + (f"-chunk{chunk}" if chunk > 1 else "") + distilled
 
 
 def _strategy(record: dict[str, object]) -> str:
@@ -161,4 +173,5 @@ def _strategy(record: dict[str, object]) -> str:
     )
     if record["strategy"] == "chunk":
         return f"chunk {record['chunk_length']} ({record['chunk_play']} play){where}"
-    return f"delay-aware, history {record['action_history']}{where}"
+    how = ", distilled" if record.get("distilled_from") else ""
+    return f"delay-aware, history {record['action_history']}{how}{where}"
