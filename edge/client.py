@@ -12,13 +12,11 @@ by default) for that decision only: replies carry their request's step, so the l
 dropped when it comes and the stream stays up. Only a broken stream or link (the server
 went away, restarted, drained) makes the client reconnect, in a background thread with
 exponential backoff, never inside a decision's deadline; decisions meanwhile wait at most
-their deadline for it. `python -m edge.client > docs/client.md` writes the options reference.
+their deadline for it. `python -m edge.client_docs > docs/client.md` writes the options reference.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import queue
 import random
 import threading
@@ -484,33 +482,3 @@ def connect(bundle: str | Path | Bundle, server: str, **config: Any) -> PolicyCl
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     return PolicyClient(b, ClientConfig(server=server, **config)).connect()
-
-
-def options_reference() -> str:
-    """docs/client.md: connect(), PolicyClient and ClientConfig as their docstrings say."""
-    parts = [
-        "# Device client reference\n",
-        "Generated from the docstrings of `edge/client.py` and `edge/channel.py` by "
-        "`python -m edge.client > docs/client.md`; do not edit by hand.\n",
-    ]
-    for obj in (connect, PolicyClient.connect, PolicyClient.act, PolicyClient.send,
-                PolicyClient.poll, PolicyClient, ClientConfig, ChannelSecurity):  # fmt: skip
-        parts.append(
-            f"## `{obj.__qualname__}{_signature(obj)}`\n\n```text\n{inspect.getdoc(obj)}\n```\n"
-        )
-    return "\n".join(parts)
-
-
-def _signature(obj: Any) -> str:
-    if not dataclasses.is_dataclass(obj):
-        return str(inspect.signature(obj))
-    shown = []
-    for f in dataclasses.fields(obj):
-        if f.name.startswith("_"):
-            continue
-        shown.append(f.name if f.default is dataclasses.MISSING else f"{f.name}={f.default!r}")
-    return f"({', '.join(shown)})"
-
-
-if __name__ == "__main__":
-    print(options_reference(), end="")

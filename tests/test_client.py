@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from deploy.server_process import free_port
-from edge.client import ClientConfig, PolicyClient, connect, options_reference
+from edge.client import ClientConfig, PolicyClient, connect
+from edge.client_docs import options_reference
 from edge.wire import to_tensor
 from protos import policy_pb2 as pb
 from protos import policy_pb2_grpc as pb_grpc
@@ -182,6 +183,6 @@ def test_connect_waits_wait_s_for_the_server_and_no_longer(tiny_bundle: Path) ->
 
 def test_docs_client_md_is_generated_from_the_docstrings() -> None:
     text = (ROOT / "docs" / "client.md").read_text()
-    assert text == options_reference(), "regenerate: python -m edge.client > docs/client.md"
+    assert text == options_reference(), "regenerate: python -m edge.client_docs > docs/client.md"
     for option in ("deadline_s", "wait_s", "rpc", "fallback", "backoff_s", "security"):
         assert f"{option}:" in text
