@@ -118,6 +118,57 @@ def prove(
     }
 
 
+MAX_ROUNDING_SHARE = 1e-3  # of feature values; more is not float rounding at a half step
+
+
+def rounding_only(
+    actor: Actor,
+    bundle_dir: Path,
+    obs: np.ndarray,
+    want: np.ndarray,
+    action_space: Any,
+    extra: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any] | None:
+    """For a trained-quantised encoder (features on the uint8 grid in training) whose uint8
+    bundle missed predict on a few observations: the evidence that every miss is float
+    rounding, or None when it is not. torch and onnxruntime sum a conv's products in
+    different orders (and SB3 divides by 255 where the export multiplies by 1/255), so a
+    value that lands on a half step of the grid can round either way, and a steep head
+    turns that one step into a visible action change. Evidence: the
+    bundle's features are torch's on the grid except for a few values one step off, and the
+    bundle's head on torch's own features gives predict's actions on every observation."""
+    import onnxruntime as ort
+
+    if not actor.trained_quantised:
+        return None
+
+    def session(name: str) -> Any:
+        return ort.InferenceSession(str(bundle_dir / name), providers=["CPUExecutionProvider"])
+
+    feats = session("encoder.onnx").run(None, {"observation": obs})[0]
+    if feats.dtype != np.uint8:
+        return None
+    with torch.no_grad():
+        x = torch.as_tensor(obs).float()
+        # as SB3's preprocess_obs does: x / 255 and x * (1 / 255) differ in the last bit
+        x = x / 255.0 if actor.input_scale == 1.0 / 255.0 else x * actor.input_scale
+        codes = actor.encoder.quant.to_uint8(actor.encoder.net(x).flatten(1)).numpy()
+    off = np.abs(feats.astype(np.int16) - codes.astype(np.int16))
+    if off.shape != codes.shape or int(off.max()) > 1 or off.mean() > MAX_ROUNDING_SHARE:
+        return None
+    discrete = hasattr(action_space, "n")
+    head = session("head.onnx").run(None, {"features": codes, **dict(extra or {})})[0]
+    same = _compare(head, want, discrete)
+    if same["agree"] != 1.0:
+        return None
+    return {
+        "feature_values_one_step_off": int(off.sum()),
+        "feature_values": int(off.size),
+        "observations_touched": int((off > 0).any(axis=1).sum()),
+        "head_on_torch_features": same,
+    }
+
+
 def passes(check: dict[str, Any]) -> bool:
     return bool(check["ort"]["agree"] == 1.0 and check["full"]["agree"] == 1.0)
 

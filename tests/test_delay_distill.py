@@ -166,3 +166,24 @@ def test_distill_flags_are_one_line(
     assert main([*base, *flags]) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_export_tells_float_rounding_from_a_real_disagreement(runs: Path) -> None:
+    """models/proof.py rounding_only: the teacher's bundle against its own predict is
+    explained (features on torch's grid, the head agrees); actions moved by 0.5 are not."""
+    from models.proof import rounding_only
+    from models.sb3_policy import predict, read_actor
+
+    teacher, _ = _models(runs)
+    env = make_env("pendulum-pixels")
+    obs = np.stack([env.reset(seed=s)[0] for s in range(40)])
+    want = predict(teacher, obs)
+    actor = read_actor(teacher, "sac")
+    bundle = runs / "teacher-bundle"
+    evidence = rounding_only(actor, bundle, obs, want, teacher.action_space)  # type: ignore[attr-defined]
+    width = load_bundle(bundle).policy["encoder"]["output"]["shape"][0]
+    assert evidence is not None and evidence["feature_values"] == 40 * width
+    assert evidence["feature_values_one_step_off"] <= 2  # a half step is rare
+    assert evidence["head_on_torch_features"]["agree"] == 1.0
+    moved = want + 0.5
+    assert rounding_only(actor, bundle, obs, moved, teacher.action_space) is None  # type: ignore[attr-defined]
