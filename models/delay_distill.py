@@ -86,11 +86,10 @@ class Dataset:
         )
 
 
-def load_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Any:
-    """The plain run's model at `path` (a run directory or its model.zip), checked against
-    the student's task, algorithm and encoder; one-line SplitedgeError otherwise."""
-    from models.sb3_policy import load_model
-
+def check_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Path:
+    """The model.zip of the plain run at `path` (a run directory or its model.zip), its
+    result.json checked against the student's task, algorithm and encoder; one-line
+    SplitedgeError otherwise. Cheap: it reads only result.json."""
     p = Path(path)
     zip_path = p / "model.zip" if p.is_dir() else p
     result_path = zip_path.parent / "result.json"
@@ -109,7 +108,14 @@ def load_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Any:
             f"--distill-from {path}: the teacher must be a plain (sync) policy; it was trained "
             f"as {cfg['realtime'].get('strategy')}"
         )
-    return load_model(zip_path, algo)[0]
+    return zip_path
+
+
+def load_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Any:
+    """The checked teacher's SB3 model (check_teacher)."""
+    from models.sb3_policy import load_model
+
+    return load_model(check_teacher(path, task, algo, encoder), algo)[0]
 
 
 def _image_encoder(model: Any) -> torch.nn.Module:

@@ -99,6 +99,9 @@ class TrainConfig:
                 raise ValueError(
                     f"--distill-from needs continuous actions (sac or ddpg); {self.task} is discrete"
                 )
+            from models.delay_distill import check_teacher
+
+            check_teacher(self.distill_from, self.task, self.algo, self.encoder)
             self.realtime["distilled_from"] = str(self.distill_from)
 
 
