@@ -197,16 +197,17 @@ def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
             held = f"hold keeps {hold:.2f}; " if hold is not None else ""
             out.append(f"- {link}: {held}no latency-hiding policy trained for this link")
             continue
-        met = best[0] >= GOAL_KEEP and hold < HOLD_BELOW
         cap = f" (ceiling {ceiling:.2f})" if ceiling is not None else ""
-        why = ""
-        if not met and hold >= HOLD_BELOW:
-            why = ": hold already keeps half, so the goal does not apply"
-        elif not met and ceiling is not None and ceiling < GOAL_KEEP:
-            why = f": unreachable, the ceiling is below {GOAL_KEEP:.0%}"
+        if hold >= HOLD_BELOW:  # the goal is about links where holding fails
+            verdict = "outside the goal's terms: hold already keeps half"
+        elif best[0] >= GOAL_KEEP:
+            verdict = "**met**"
+        elif ceiling is not None and ceiling < GOAL_KEEP:
+            verdict = f"**not met**, and unreachable: the ceiling is below {GOAL_KEEP:.0%}"
+        else:
+            verdict = "**not met**"
         out.append(
-            f"- {link}: hold keeps {hold:.2f}, best {best[1]} keeps {best[0]:.2f}{cap}: "
-            + ("**met**" if met else "**not met**" + why)
+            f"- {link}: hold keeps {hold:.2f}, best {best[1]} keeps {best[0]:.2f}{cap}: {verdict}"
         )
     return out
 
