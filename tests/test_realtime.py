@@ -147,6 +147,29 @@ def test_new_episode_drops_the_held_action_and_old_replies() -> None:
     assert result.episode_returns == [4.0, 4.0] and result.partial_return == 0.0
 
 
+def test_a_device_kept_history_is_what_has_arrived_else_the_held_action() -> None:
+    """A format /1 delay-aware bundle: the device sends, for the 2 ticks before each, the
+    action chosen for it if its reply has arrived, else the one it holds. Replies take 2
+    ticks and answer with their tick, so by hand tick k sends [k-2, k-2] (k-1's reply is
+    still on its way) and the first two send the default twice."""
+    from splitedge.realtime_spec import RealtimeSpec
+
+    class Known(ScriptedPolicy):
+        realtime = RealtimeSpec(action_history=2)
+
+        def send(self, frame: Any, actions_in_flight: Any = None, tick: int = 0,
+                 episode: int = 0) -> Sent:  # fmt: skip
+            self.windows.append(list(actions_in_flight))
+            return super().send(frame)
+
+    clock = FakeClock()
+    policy = Known(clock, [2] * 6)
+    policy.windows = []  # type: ignore[attr-defined]
+    run_realtime(policy, TickEnv(), T, 6, clock=clock)
+    want = [[DEFAULT, DEFAULT], [DEFAULT, DEFAULT], [0, 0], [1, 1], [2, 2], [3, 3]]
+    assert policy.windows == want  # type: ignore[attr-defined]
+
+
 def test_a_server_kept_history_is_sent_as_ticks_in_the_episode() -> None:
     """A bundle whose server keeps the actions in flight gets, per send, the observation's
     tick in its episode (from 1) and an episode id unique to the run: by hand, two
