@@ -135,7 +135,10 @@ def study_rows(study: Path, links_file: str | None) -> tuple[dict[str, Any], lis
                 measured[(strategy, link, s)] for s in per_seed if (strategy, link, s) in measured
             ]
             d = cell["delay_ticks_max"]
-            label = {"hold": "hold", "delay-aware": f"delay-aware, RL (history {d})",
+            kept = {"known": "device-kept", "server": "server-kept"}
+            who = ", ".join(kept.get(h, h) for h in cell.get("delay-aware-history", []))
+            label = {"hold": "hold",
+                     "delay-aware": f"delay-aware, RL (history {d}{', ' + who if who else ''})",
                      "chunk": f"chunk {cell['chunk_length']}",
                      "distilled": f"delay-aware, distilled (history {d}, server-kept)",
                      CEILING: "ceiling: sync from the first reply's tick"}[strategy]  # fmt: skip

@@ -144,8 +144,20 @@ def summary(runs: Path, args: argparse.Namespace, ticks: dict[str, int], hz: flo
         cell["ceiling"] = {  # the plain policy, acting only from the first reply's tick on
             s: _mean_return(p / f"delay_eval-ceiling-{link}.json") for s, p in plain.items()
         }
+        # who kept the RL delay-aware runs' history ("known": the device, "server")
+        cell["delay-aware-history"] = sorted({
+            h for s in args.seeds
+            if (h := _history(run_dir(runs, args, "delay-aware", link, s))) is not None
+        })  # fmt: skip
         out["links"][link] = cell
     return out
+
+
+def _history(run: Path) -> str | None:
+    path = run / "result.json"
+    if not path.exists():
+        return None
+    return (json.loads(path.read_text()).get("realtime") or {}).get("history")
 
 
 def _chunk(args: argparse.Namespace, max_ticks: int) -> int:
