@@ -16,22 +16,38 @@ from splitedge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo" / "cartpole-ppo"
-STEPS = 80
+STEPS = 20
+# a quick link, then one whose 3 s round trips keep its cell busy for a minute, so the
+# SIGINT lands inside it however starved this test's polling is (at 300 ms and 30 or even
+# 80 steps, CI runs under stress-ng finished the second cell before the signal arrived)
+LINKS = """
+[quick]
+up_kbit = 20000
+down_kbit = 20000
+delay_ms = 1
+jitter_ms = 0
+queue_bytes = 262144
+
+[slow]
+up_kbit = 20000
+down_kbit = 20000
+delay_ms = {slow_ms}
+jitter_ms = 0
+queue_bytes = 262144
+"""
 
 
-def _argv(out: Path) -> list[str]:
-    # wifi finishes in a few seconds; 3g's 300 ms round trips keep the second cell busy for
-    # ~25 s (with 5 steps a fast machine finished it before the SIGINT arrived; with 30, a
-    # CI run under stress-ng did once, its polling starved for the cell's ~9 s)
-    return ["measure", "--bundle", str(ZOO), "--links", "wifi,3g", "--modes", "split",
-            "--steps", str(STEPS), "--warmup", "1", "--link-backend", "proxy", "--out", str(out),
-            "--no-progress"]  # fmt: skip
+def _argv(out: Path, links: Path) -> list[str]:
+    return ["measure", "--bundle", str(ZOO), "--links", "quick,slow", "--links-file", str(links),
+            "--modes", "split", "--steps", str(STEPS), "--warmup", "1", "--link-backend",
+            "proxy", "--out", str(out), "--no-progress"]  # fmt: skip
 
 
 def test_ctrl_c_keeps_finished_cells_and_rerun_measures_only_the_rest(tmp_path: Path) -> None:
-    out = tmp_path / "m"
+    out, links = tmp_path / "m", tmp_path / "links.toml"
+    links.write_text(LINKS.format(slow_ms=1500))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitedge", *_argv(out)],
+        [sys.executable, "-m", "splitedge", *_argv(out, links)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -50,16 +66,18 @@ def test_ctrl_c_keeps_finished_cells_and_rerun_measures_only_the_rest(tmp_path: 
     assert "Traceback" not in err
     doc = json.loads((out / "results.json").read_text())
     assert doc["partial"] is True
-    assert [(r["link"], r["mode"]) for r in doc["rows"]] == [("wifi", "split")]
-    wifi_before = doc["rows"][0]
+    assert [(r["link"], r["mode"]) for r in doc["rows"]] == [("quick", "split")]
+    quick_before = doc["rows"][0]
     assert len(cells.read_text().splitlines()) == 1
 
-    # the same command again: wifi comes from disk unchanged, only 3g is measured
-    assert main(_argv(out)) == 0
+    # the same command again, the slow link now quick to measure (its cell was never
+    # stored, and quick's profile is unchanged): quick comes from disk, only slow is measured
+    links.write_text(LINKS.format(slow_ms=20))
+    assert main(_argv(out, links)) == 0
     doc = json.loads((out / "results.json").read_text())
     assert "partial" not in doc
-    assert [r["link"] for r in doc["rows"]] == ["wifi", "3g"]
-    assert doc["rows"][0] == wifi_before
+    assert [r["link"] for r in doc["rows"]] == ["quick", "slow"]
+    assert doc["rows"][0] == quick_before
     assert any("resumed 1 cell(s)" in n and "measured 1" in n for n in doc["notes"])
     assert doc["rows"][1]["fallbacks"] == 0 and doc["rows"][1]["steps"] == STEPS
     assert not cells.exists()  # complete: a rerun measures afresh
@@ -106,7 +124,9 @@ def test_unwritable_out_refused_before_anything_runs(
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     out = blocker if kind == "file" else blocker / "results"
-    assert main(_argv(out)) == 2
+    links = tmp_path / "links.toml"
+    links.write_text(LINKS.format(slow_ms=20))
+    assert main(_argv(out, links)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {out}" in err
     assert os.path.isfile(blocker)
