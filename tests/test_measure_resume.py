@@ -16,10 +16,11 @@ from splitedge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo" / "cartpole-ppo"
-STEPS = 20
-# a quick link, then one whose 3 s round trips keep its cell busy for a minute, so the
+STEPS = 120
+# a quick link, then one whose 500 ms round trips keep its cell busy for a minute, so the
 # SIGINT lands inside it however starved this test's polling is (at 300 ms and 30 or even
-# 80 steps, CI runs under stress-ng finished the second cell before the signal arrived)
+# 80 steps, CI runs under stress-ng finished the second cell before the signal arrived;
+# at 3 s a starved run's client could not say Hello within connect()'s 5 s)
 LINKS = """
 [quick]
 up_kbit = 20000
@@ -45,7 +46,7 @@ def _argv(out: Path, links: Path) -> list[str]:
 
 def test_ctrl_c_keeps_finished_cells_and_rerun_measures_only_the_rest(tmp_path: Path) -> None:
     out, links = tmp_path / "m", tmp_path / "links.toml"
-    links.write_text(LINKS.format(slow_ms=1500))
+    links.write_text(LINKS.format(slow_ms=250))
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitedge", *_argv(out, links)],
         cwd=ROOT,
