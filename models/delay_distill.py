@@ -149,10 +149,6 @@ def teacher_labels(teacher: Any, images: np.ndarray, batch: int = 512) -> np.nda
     return np.concatenate(out)
 
 
-def _scale(model: Any, action: np.ndarray) -> np.ndarray:
-    return model.policy.scale_action(np.asarray(action, np.float32))
-
-
 def _unscale(model: Any, action: np.ndarray) -> np.ndarray:
     return model.policy.unscale_action(np.clip(np.asarray(action, np.float32), -1, 1))
 

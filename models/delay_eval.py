@@ -30,7 +30,7 @@ from deploy.link.profiles import get_profile
 from edge.envs import bundle_env, make_env
 from edge.realtime import declared_rate_hz
 from models.chunk_wrapper import ChunkedActions
-from models.delay_wrapper import IN_FLIGHT_KEY, DelayedActions, LinkDelay
+from models.delay_wrapper import IN_FLIGHT_KEY, DelayedActions, LinkDelay, default_action
 from models.realtime_training import DELAY_EXTRA_MS, IMAGE_KEY, ImageDict
 from splitedge.bundle import load_bundle
 from splitedge.errors import SplitedgeError
@@ -79,7 +79,7 @@ def evaluate_bundle(
         env: Any = make_env(name, **kwargs)
         if ceiling:
             first = delay.draw(np.random.default_rng(seed + episode))
-            env = DelayedActions(ImageDict(FirstReplyAt(env, first)), LinkDelay(1.0 / hz, 0.0))
+            env = FirstReplyAt(env, first)  # then turn by turn: no wrapper, no delay
         elif spec.chunk_length > 1:
             env = ChunkedActions(env, spec.chunk_length, delay, seed + episode)
         else:
@@ -112,11 +112,7 @@ class FirstReplyAt(gymnasium.Wrapper):  # type: ignore[type-arg]
     def __init__(self, env: Any, ticks: int):
         super().__init__(env)
         self.ticks, self._tick = ticks, 0
-        space = env.action_space
-        self.default: Any = (
-            int(space.start) if isinstance(space, gymnasium.spaces.Discrete)
-            else np.clip(np.zeros(space.shape, space.dtype), space.low, space.high)
-        )  # fmt: skip
+        self.default = default_action(env.action_space)
 
     def reset(self, **kwargs: Any) -> Any:
         self._tick = 0

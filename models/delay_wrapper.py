@@ -93,6 +93,13 @@ class LinkDelay:
         return self._ticks(float(up + down) + self.extra_ms)
 
 
+def default_action(space: gymnasium.Space) -> Any:  # type: ignore[type-arg]
+    """The action before any reply: Discrete's first, a Box's zeros clipped into its bounds."""
+    if isinstance(space, gymnasium.spaces.Discrete):
+        return int(space.start)
+    return np.clip(np.zeros(space.shape, space.dtype), space.low, space.high)  # type: ignore[arg-type]
+
+
 class DelayedActions(gymnasium.Wrapper):  # type: ignore[type-arg]
     """`env` whose actions arrive `delay.draw()` ticks late, with the in-flight actions
     appended to its observation. info gains `action_delay_ticks` (this action's delay) and
@@ -113,15 +120,14 @@ class DelayedActions(gymnasium.Wrapper):  # type: ignore[type-arg]
         act = env.action_space
         if isinstance(act, gymnasium.spaces.Discrete):
             self._width, low, high = int(act.n), np.zeros(int(act.n)), np.ones(int(act.n))
-            self.default_action: Any = int(act.start)
         elif isinstance(act, gymnasium.spaces.Box):
             low, high = act.low.reshape(-1), act.high.reshape(-1)
             self._width = low.size
-            self.default_action = np.clip(np.zeros(act.shape, act.dtype), act.low, act.high)
         else:
             raise ValueError(
                 f"DelayedActions takes Discrete or Box actions, got {type(act).__name__}"
             )
+        self.default_action: Any = default_action(act)
         flight_low = np.tile(low, self.d_max).astype(np.float32)
         flight_high = np.tile(high, self.d_max).astype(np.float32)
         obs = env.observation_space

@@ -277,8 +277,10 @@ def export_policy(
             agreement = prove(stage, enc_ir, weights, data.check, want, tick_space, extra)
             if passes(agreement):
                 break
-            rounding = rounding_only(actor, stage, data.check, want, tick_space, extra)
-            if dtype == "uint8" and rounding is not None:
+            rounding = None
+            if dtype == "uint8":
+                rounding = rounding_only(actor, stage, data.check, want, tick_space, extra)
+            if rounding is not None:
                 agreement["feature_rounding"] = rounding
                 say(
                     f"features uint8: {describe(agreement)} agree with predict; the rest differ "

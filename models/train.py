@@ -117,17 +117,16 @@ class EpisodeCurve(BaseCallback):
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
             if "episode" in info:
-                point = (int(self.num_timesteps), float(info["episode"]["r"]))
-                self.points.append(point)
-                if self.log is not None:
-                    line = {
-                        "step": point[0],
-                        "return": point[1],
-                        "s": round(time.time() - self.t0, 1),
-                    }
-                    with self.log.open("a") as f:
-                        f.write(json.dumps(line) + "\n")
+                self.record(int(self.num_timesteps), float(info["episode"]["r"]))
         return True
+
+    def record(self, step: int, ret: float) -> None:
+        """One point of the curve, appended to the log too."""
+        self.points.append((step, ret))
+        if self.log is not None:
+            line = {"step": step, "return": ret, "s": round(time.time() - self.t0, 1)}
+            with self.log.open("a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 def build_model(cfg: TrainConfig) -> Any:
@@ -242,11 +241,7 @@ def _distill(model: Any, cfg: TrainConfig, curve: EpisodeCurve, progress: bool) 
     bar = tqdm(total=dc.rounds, desc="distil (DAgger rounds)", disable=not progress)
 
     def on_round(row: dict[str, Any]) -> None:
-        curve.points.append((int(row["steps"]), float(row["student_return"])))
-        if curve.log is not None:
-            with curve.log.open("a") as f:
-                f.write(json.dumps({"step": row["steps"], "return": row["student_return"],
-                                    "s": round(time.time() - curve.t0, 1)}) + "\n")  # fmt: skip
+        curve.record(int(row["steps"]), float(row["student_return"]))
         bar.set_postfix(ret=f"{row['student_return']:.1f}", loss=f"{row['loss']:.4f}")
         bar.update()
 

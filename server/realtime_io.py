@@ -6,8 +6,9 @@ shape [D, *action shape] in the action dtype (INT64 for discrete, FLOAT32 for co
 Missing, misshapen, NaN/Inf or out-of-range histories are refused as INVALID_ARGUMENT like
 any other bad input; a history sent to a bundle that reads none is refused too, rather
 than silently ignored. A bundle whose server keeps the history (history_source "server")
-takes it from the stream's record when the request gives a tick (server/stream_history.py). A chunking bundle (chunk_length H > 1) answers H actions: the reply
-carries them all in `chunk` and the first in `action`, for clients that play one action.
+takes it from the stream's record when the request gives a tick
+(server/stream_history.py). A chunking bundle (chunk_length H > 1) answers H actions: the
+reply carries them all in `chunk` and the first in `action`, for clients that play one action.
 """
 
 from __future__ import annotations
