@@ -38,6 +38,17 @@ ENCODERS: dict[str, EncoderChoice] = {
 }
 
 
+# config.encoder of a head distilled from a model trained elsewhere (`splitedge train
+# --distill-from MODEL.zip`): the student runs the teacher's own features extractor, whatever
+# its class, on the device side of the split.
+TEACHER_ENCODER = "teacher"
+
+
+def is_split(encoder: str) -> bool:
+    """Whether the encoder runs on the device (features cross the wire, not frames)."""
+    return encoder == TEACHER_ENCODER or ENCODERS[encoder].split
+
+
 def placeholder_act_quant(observation_space: gym.spaces.Box, arch: str = "miniconv") -> list[Any]:
     """Unit es2 scales for every stored stage; es2 calibration replaces them before training."""
     from edge.encoder.reference import ActQuant, stages
@@ -69,7 +80,7 @@ def miniconvs(module: Any) -> list[MiniConv]:
 
 def feature_bytes(encoder: str, features_dim: int) -> int:
     """Bytes one step sends: uint8 features for a split encoder; 0 when raw frames are sent."""
-    return features_dim if ENCODERS[encoder].split else 0
+    return features_dim if is_split(encoder) else 0
 
 
 def raw_bytes(observation_shape: tuple[int, ...]) -> int:

@@ -19,6 +19,10 @@ DIDA (Liotet et al., "Delayed Reinforcement Learning by Imitation", ICML 2022) d
    applied at (its drawn delay, jitter included). Later rounds cover the states the
    student itself reaches.
 
+The teacher is a `splitedge train` run, or a user's own SB3 model.zip (SAC, TD3 or DDPG
+on an image env of theirs: `--env package.module:ClassName`); then the student runs that
+model's own features extractor class (config.encoder "teacher") and its algorithm.
+
 The student is the same model `--delay-profile` trains (InFlightExtractor: the encoder on
 the image, the actions in flight after its features, then the head), its encoder copied
 from the teacher and frozen, so the device's part is the teacher's and only the head
@@ -42,6 +46,13 @@ from edge.envs import make_env
 from models.delay_wrapper import IN_FLIGHT_KEY, DelayedActions, LinkDelay
 from models.realtime_training import IMAGE_KEY, ImageDict
 from splitedge.errors import SplitedgeError
+
+EnvMaker = Callable[[], Any]  # a fresh env, as the teacher sees it (uint8 C, H, W frames)
+
+
+def env_maker(env: str | EnvMaker) -> EnvMaker:
+    """A task name (edge.envs) as an EnvMaker; an EnvMaker as itself."""
+    return (lambda: make_env(env)) if isinstance(env, str) else env
 
 
 @dataclass(frozen=True)
@@ -86,19 +97,31 @@ class Dataset:
         )
 
 
-def check_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Path:
-    """The model.zip of the plain run at `path` (a run directory or its model.zip), its
-    result.json checked against the student's task, algorithm and encoder; one-line
-    SplitedgeError otherwise. Cheap: it reads only result.json."""
+def teacher_record(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(the teacher's model.zip, the config of the `splitedge train` run that made it, or
+    None for a model trained elsewhere); one-line SplitedgeError without a model.zip."""
     p = Path(path)
     zip_path = p / "model.zip" if p.is_dir() else p
-    result_path = zip_path.parent / "result.json"
-    if not zip_path.is_file() or not result_path.is_file():
+    if not zip_path.is_file():
         raise SplitedgeError(
-            f"--distill-from {path}: need a `splitedge train` run directory (model.zip and "
-            "result.json); train the plain policy first"
+            f"--distill-from {path}: no model.zip there; give a `splitedge train` run "
+            "directory or your own SB3 model.zip (SAC, TD3 or DDPG)"
         )
-    cfg = json.loads(result_path.read_text()).get("config", {})
+    try:
+        cfg = json.loads((zip_path.parent / "result.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):  # none, not JSON, or not ours
+        cfg = None
+    ours = isinstance(cfg, dict) and all(k in cfg for k in ("task", "algo", "encoder"))
+    return zip_path, cfg if ours else None
+
+
+def check_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Path:
+    """The teacher's model.zip; a `splitedge train` run's result.json is checked against the
+    student's task, algorithm and encoder (one-line SplitedgeError otherwise). A model
+    trained elsewhere is checked by foreign_teacher. Cheap: it reads only result.json."""
+    zip_path, cfg = teacher_record(path)
+    if cfg is None:
+        return zip_path
     want = {"task": task, "algo": algo, "encoder": encoder}
     got = {k: cfg.get(k) for k in want}
     if got != want:
@@ -111,16 +134,73 @@ def check_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Path:
     return zip_path
 
 
-def load_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Any:
-    """The checked teacher's SB3 model (check_teacher)."""
+@dataclass(frozen=True)
+class ForeignTeacher:
+    """What the student takes from a model trained elsewhere (a user's own SB3 model)."""
+
+    algo: str  # the student's: sac, or ddpg for a TD3 or DDPG teacher (the same actor)
+    image_shape: tuple[int, ...]  # (C, H, W), as the teacher reads it
+    action_space: Any
+    extractor: str  # its features extractor's class, which the student runs too
+
+
+STUDENT_ALGO = {"sac": "sac", "td3": "ddpg", "ddpg": "ddpg"}
+
+
+def foreign_teacher(zip_path: Path) -> ForeignTeacher:
+    """Load a model trained elsewhere and say what the student needs; one-line refusals for
+    what distillation cannot imitate (on-policy or discrete actors, non-image observations)."""
     from models.sb3_policy import load_model
 
+    model, algo = load_model(zip_path)
+    if algo not in STUDENT_ALGO:
+        raise SplitedgeError(
+            f"--distill-from {zip_path}: a {algo.upper()} model; distillation imitates the "
+            "deterministic actor of SAC, TD3 or DDPG (continuous actions)"
+        )
+    space = model.observation_space
+    shape = tuple(int(d) for d in (getattr(space, "shape", None) or ()))
+    if not isinstance(space, gymnasium.spaces.Box) or len(shape) != 3:
+        raise SplitedgeError(
+            f"--distill-from {zip_path}: observations are {type(space).__name__} {shape or ''}, "
+            "not a (C, H, W) image; the device part of a split policy is an image encoder"
+        )
+    return ForeignTeacher(STUDENT_ALGO[algo], shape, model.action_space,
+                          type(_image_encoder(model)).__name__)  # fmt: skip
+
+
+def student_extractor(teacher: Any) -> dict[str, Any]:
+    """SB3 policy kwargs for a student around a foreign teacher's own features extractor:
+    the same class and arguments on the image, and the same image scaling."""
+    from models.realtime_training import InFlightExtractor
+
+    policy = teacher.policy
+    return {
+        "features_extractor_class": InFlightExtractor,
+        "features_extractor_kwargs": {
+            "image_class": type(_image_encoder(teacher)),
+            "image_kwargs": dict(policy.features_extractor_kwargs),
+        },
+        "normalize_images": bool(policy.normalize_images),
+    }
+
+
+def load_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Any:
+    """The checked teacher's SB3 model (check_teacher); a model trained elsewhere loads as
+    the algorithm it was saved by."""
+    from models.sb3_policy import load_model
+
+    zip_path, cfg = teacher_record(path)
+    if cfg is None:
+        return load_model(zip_path)[0]
     return load_model(check_teacher(path, task, algo, encoder), algo)[0]
 
 
 def _image_encoder(model: Any) -> torch.nn.Module:
+    from models.algos import DetachedFeatures
+
     extractor = model.policy.actor.features_extractor
-    return getattr(extractor, "encoder", extractor)  # models/algos.py's DetachedFeatures
+    return extractor.encoder if isinstance(extractor, DetachedFeatures) else extractor
 
 
 def adopt_encoder(student: Any, teacher: Any) -> None:
@@ -154,19 +234,19 @@ def _unscale(model: Any, action: np.ndarray) -> np.ndarray:
 
 
 def teacher_episodes(
-    teacher: Any, task: str, depth: int, min_steps: int, seed: int, data: Dataset
+    teacher: Any, env: str | EnvMaker, depth: int, min_steps: int, seed: int, data: Dataset
 ) -> int:
     """Step 1 of the module doc: the teacher's undelayed episodes as delayed samples, whole
     episodes until `min_steps` env steps; returns the env steps."""
-    steps, ep = 0, 0
+    steps, ep, make = 0, 0, env_maker(env)
     while steps < min_steps:
         ep += 1
-        env = make_env(task)
-        obs, _ = env.reset(seed=seed + ep)
+        play = make()
+        obs, _ = play.reset(seed=seed + ep)
         images, actions, done = [obs], [], False
         while not done:
             action, _ = teacher.predict(obs, deterministic=True)
-            obs, _, terminated, truncated, _ = env.step(action)
+            obs, _, terminated, truncated, _ = play.step(action)
             images.append(obs)
             actions.append(np.asarray(action, np.float32).reshape(-1))
             done = terminated or truncated
@@ -180,17 +260,17 @@ def teacher_episodes(
 
 
 def student_episodes(
-    student: Any, teacher: Any, task: str, delay: LinkDelay, min_steps: int, seed: int,
-    explore: float, data: Dataset,
+    student: Any, teacher: Any, env: str | EnvMaker, delay: LinkDelay, min_steps: int,
+    seed: int, explore: float, data: Dataset,
 ) -> tuple[int, list[float]]:  # fmt: skip
     """Step 2: the student's episodes under the delay, labelled by the teacher, whole
     episodes until `min_steps` env steps; (env steps, returns of the episodes)."""
     rng = np.random.default_rng(seed)
-    steps, returns, ep = 0, [], 0
+    steps, returns, ep, make = 0, [], 0, env_maker(env)
     while steps < min_steps:
         ep += 1
-        env = DelayedActions(ImageDict(make_env(task)), delay, seed + ep, history="chosen")
-        obs, _ = env.reset(seed=seed + ep)
+        play = DelayedActions(ImageDict(make()), delay, seed + ep, history="chosen")
+        obs, _ = play.reset(seed=seed + ep)
         seen: list[dict[str, np.ndarray]] = [obs]
         applies: list[int] = []  # the tick each action first applies at
         done, total, tick = False, 0.0, 0
@@ -200,7 +280,7 @@ def student_episodes(
                 a = squashed(student, batch).numpy()[0]
             a = a + explore * rng.standard_normal(a.shape).astype(np.float32)
             action = _unscale(student, a).reshape(student.action_space.shape)
-            obs, reward, terminated, truncated, info = env.step(action)
+            obs, reward, terminated, truncated, info = play.step(action)
             applies.append(tick + int(info["action_delay_ticks"]))
             seen.append(obs)
             total, tick, done = total + float(reward), tick + 1, terminated or truncated
@@ -237,7 +317,7 @@ def fit(student: Any, data: Dataset, cfg: DistillConfig, rng: np.random.Generato
 
 
 def distill(
-    student: Any, teacher: Any, task: str, delay: LinkDelay, seed: int,
+    student: Any, teacher: Any, env: str | EnvMaker, delay: LinkDelay, seed: int,
     cfg: DistillConfig = DistillConfig(), on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train `student` (a delay-aware SB3 model) to imitate `teacher` under `delay` (see the
@@ -248,12 +328,12 @@ def distill(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     data = Dataset()
-    steps = teacher_episodes(teacher, task, delay.max_ticks, cfg.teacher_steps, seed, data)
+    steps = teacher_episodes(teacher, env, delay.max_ticks, cfg.teacher_steps, seed, data)
     rounds = []
     loss = fit(student, data, cfg, rng)
     for r in range(cfg.rounds):
         s, returns = student_episodes(
-            student, teacher, task, delay, cfg.round_steps,
+            student, teacher, env, delay, cfg.round_steps,
             seed + 1000 * (r + 1), cfg.explore, data,
         )  # fmt: skip
         steps += s

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.delay_wrapper import IN_FLIGHT_KEY
 from models.observations import Observations, gather
 from models.proof import describe, passes, prove, rounding_only, uint8_margin
 from models.realtime_export import (
@@ -240,6 +241,8 @@ def export_policy(
     actor = read_delay_aware(model, algo) if spec.action_history else read_actor(model, algo)
     tick_space = tick_action_space(model, spec)
     task = result.get("config", {}).get("task")
+    if env_kwargs is None and env in (None, task):  # the kwargs its run trained with
+        env_kwargs = result.get("config", {}).get("env_kwargs") or None
     extra: dict[str, np.ndarray] = {}
     if record is not None and frames is None:
         if not (env or task):
@@ -269,7 +272,7 @@ def export_policy(
         for dtype in tries:
             enc_ir = _encoder_ir(actor, dtype, data.calibration)
             if features == "auto" and dtype == "uint8":
-                safe, detail = uint8_margin(actor, enc_ir, data.check)
+                safe, detail = uint8_margin(actor, enc_ir, data.check, _in_flight(check_obs))
                 if not safe:
                     say(f"features uint8: {detail}")
                     continue
@@ -312,6 +315,14 @@ def export_policy(
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def _in_flight(check_obs: Any) -> np.ndarray | None:
+    """A delay-aware check set's actions in flight, flattened as the head reads them."""
+    if not isinstance(check_obs, dict):
+        return None
+    flight = np.asarray(check_obs[IN_FLIGHT_KEY], np.float32)
+    return flight.reshape(len(flight), -1)
 
 
 def _manifest(

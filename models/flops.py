@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.algos import actor_encoder, actor_head
-from models.baselines import ENCODERS, feature_bytes, raw_bytes
+from models.baselines import feature_bytes, is_split, raw_bytes
 
 
 def count_flops(module: nn.Module, example: torch.Tensor) -> int:
@@ -48,7 +48,7 @@ def policy_costs(model: Any, algo: str, encoder: str) -> dict[str, Any]:
     enc_flops, head_flops = count_flops(enc, obs), count_flops(head, head_in)
     policy.set_training_mode(was_training)
     features_dim = int(features.shape[1])
-    split = ENCODERS[encoder].split
+    split = is_split(encoder)
     return {
         "encoder_params": count_params(enc),
         "encoder_flops": enc_flops,

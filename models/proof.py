@@ -38,8 +38,11 @@ def _compare(
     }
 
 
-def uint8_margin(actor: Actor, enc_ir: ir.EncoderIR, obs: np.ndarray) -> tuple[bool, str]:
+def uint8_margin(
+    actor: Actor, enc_ir: ir.EncoderIR, obs: np.ndarray, in_flight: np.ndarray | None = None
+) -> tuple[bool, str]:
     """Whether uint8 features keep every action with room to spare, and the numbers.
+    `in_flight`: a delay-aware head's other input, (N, D * width) as training encoded it.
 
     Passing the 200-observation check is not enough for a model not trained on the grid: an
     observation never checked may sit nearer a decision boundary. uint8 is chosen only when
@@ -54,7 +57,9 @@ def uint8_margin(actor: Actor, enc_ir: ir.EncoderIR, obs: np.ndarray) -> tuple[b
         f = actor.encoder.net(torch.as_tensor(obs).float() * actor.input_scale).flatten(1)
         q = torch.clamp(torch.round(f / enc_ir.output_scale) + enc_ir.output_zero_point, 0, 255)
         fq = (q - enc_ir.output_zero_point) * enc_ir.output_scale
-        exact, grid = body(actor.post(f)), body(actor.post(fq))
+        extra = [] if in_flight is None else [torch.as_tensor(in_flight, dtype=torch.float32)]
+        exact = body(torch.cat([actor.post(f), *extra], dim=1))
+        grid = body(torch.cat([actor.post(fq), *extra], dim=1))
     shift = float((exact - grid).abs().max())
     if not discrete:
         return 2 * shift <= CONTINUOUS_TOL, f"moves actions by up to {shift:.3g}"

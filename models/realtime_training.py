@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from models.baselines import ENCODERS, policy_kwargs
+from models.baselines import is_split, policy_kwargs
 from models.chunk_wrapper import ChunkedActions
 from models.delay_wrapper import IN_FLIGHT_KEY, DelayedActions, LinkDelay
 
@@ -56,6 +56,7 @@ def resolve(
     chunk: int,
     control_hz: float | None,
     extra_ms: float = DELAY_EXTRA_MS,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The latency-hiding record for these flags (None: plain training); ValueError or
     SplitedgeError (an unknown link or links file) with one line when they do not fit."""
@@ -69,7 +70,7 @@ def resolve(
         if control_hz is not None or links_file is not None:
             raise ValueError("--control-hz and --links-file need --delay-profile or --chunk")
         return None
-    if not ENCODERS[encoder].split:
+    if not is_split(encoder):
         raise ValueError(
             f"--delay-profile and --chunk are for split encoders; {encoder} runs on the server"
         )
@@ -80,7 +81,7 @@ def resolve(
     from edge.envs import make_env
     from edge.realtime import declared_rate_hz
 
-    hz = control_hz or declared_rate_hz(make_env(task))
+    hz = control_hz or declared_rate_hz(make_env(task, **(env_kwargs or {})))
     if hz is None:
         raise ValueError(f"{task} declares no control rate (dt or tau); pass --control-hz")
     record: dict[str, Any] = {"control_hz": float(hz), "chunk_length": chunk, "action_history": 0}
@@ -149,12 +150,19 @@ class InFlightExtractor(BaseFeaturesExtractor):
     :param observation_space: Dict with "image" (uint8 C, H, W) and "actions_in_flight"
     :param encoder: a split encoder's name (models/baselines.py ENCODERS)
     :param act_quant: es2 storage scales, passed on to the encoder (models/qat.py sets them)
+    :param image_class: instead of a named encoder, this features extractor class on the
+        image, with `image_kwargs` (a model trained elsewhere: `--distill-from MODEL.zip`)
     """
 
     def __init__(self, observation_space: gymnasium.spaces.Dict, encoder: str = "miniconv",
-                 act_quant: Any = None):  # fmt: skip
+                 act_quant: Any = None, image_class: type | None = None,
+                 image_kwargs: dict[str, Any] | None = None):  # fmt: skip
         image, flight = observation_space[IMAGE_KEY], observation_space[IN_FLIGHT_KEY]
-        inner = policy_kwargs(encoder, image)
+        if image_class is not None:
+            inner = {"features_extractor_class": image_class,
+                     "features_extractor_kwargs": image_kwargs or {}}  # fmt: skip
+        else:
+            inner = policy_kwargs(encoder, image)
         kwargs = dict(inner["features_extractor_kwargs"])
         if act_quant is not None:
             kwargs["act_quant"] = act_quant

@@ -134,7 +134,7 @@ def test_fitting_lowers_the_imitation_loss(runs: Path) -> None:
         (["--distill-from", "TEACHER"], "--distill-from trains a delay-aware head"),
         (
             ["--delay-profile", "d-test", "--distill-from", "nowhere"],
-            "need a `splitedge train` run",
+            "no model.zip there",
         ),
         (
             ["--delay-profile", "d-test", "--chunk", "4", "--distill-from", "TEACHER"],

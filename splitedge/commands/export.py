@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.frames is not None and not args.frames.is_file():
         raise SplitedgeError(f"--frames {args.frames} not found")
-    kwargs = env_kwargs(args.env_kwargs) or {}
+    kwargs = env_kwargs(args.env_kwargs)  # None: the ones its run trained with, if any
     profile = None
     if args.profile:
         from deploy.devices import load_profile

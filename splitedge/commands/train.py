@@ -6,6 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from splitedge.commands._env_options import env_kwargs
 from splitedge.errors import SplitedgeError
 from splitedge.output import emit, table
 
@@ -23,16 +24,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--task",
-        default="cartpole-pixels",
+        default=None,
         help="pixel task: cartpole-pixels, cartpole-camera (224x224 frames), pendulum-pixels "
-        "or reacher-pixels (default: %(default)s)",
+        "or reacher-pixels (default: the --distill-from run's, else cartpole-pixels)",
     )
-    p.add_argument("--algo", default="ppo", help="ppo, sac or ddpg (default: %(default)s)")
+    p.add_argument(
+        "--env",
+        default=None,
+        metavar="ID_OR_ENTRY_POINT",
+        help="your own env instead of --task, for --distill-from MODEL.zip (a model you "
+        "trained elsewhere): a gymnasium id or package.module:ClassName (importable here) "
+        "giving uint8 image observations",
+    )
+    p.add_argument(
+        "--env-kwargs",
+        default=None,
+        metavar="JSON",
+        help="keyword arguments for --env, as a JSON object (e.g. '{\"size\": 48}')",
+    )
+    p.add_argument(
+        "--algo",
+        default=None,
+        help="ppo, sac or ddpg (default: the --distill-from model's, else ppo)",
+    )
     p.add_argument(
         "--encoder",
-        default="miniconv",
+        default=None,
         help="miniconv, miniconv-es2, miniconv-camera (4x4 average first, for camera-size "
-        "frames) or naturecnn (default: %(default)s)",
+        "frames) or naturecnn (default: the --distill-from model's, else miniconv)",
     )
     p.add_argument(
         "--seed",
@@ -97,8 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --delay-profile: learn the delay-aware head by imitating RUN, a plain "
         "policy of the same task, algo and encoder (sac/ddpg), instead of by RL: its encoder "
         "is kept and the head learns the teacher's action for the tick its own action will "
-        "apply at (DIDA-style DAgger, models/delay_distill.py); --timesteps is then its budget of env "
-        "steps (24000 fits Pendulum in ~2 min)",
+        "apply at (DIDA-style DAgger, models/delay_distill.py); --timesteps is then its budget "
+        "of env steps (24000 fits Pendulum in ~2 min). RUN may also be your own SB3 "
+        "model.zip (SAC, TD3 or DDPG on image observations, with --env): the student keeps "
+        "its features extractor class and weights",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -112,11 +133,15 @@ def run(args: argparse.Namespace) -> int:
         raise SplitedgeError(
             f"training needs the train extra ({e}); run `pip install -e .[train]`"
         ) from e
+    if args.env and args.task:
+        raise SplitedgeError("give --task (one of ours) or --env (your own), not both")
+    defaults = _teacher_defaults(args.distill_from) if args.distill_from else {}
     try:
         cfg = TrainConfig(
-            task=args.task,
-            algo=args.algo,
-            encoder=args.encoder,
+            task=args.env or args.task or defaults.get("task", "cartpole-pixels"),
+            algo=args.algo or defaults.get("algo", "ppo"),
+            encoder=args.encoder or defaults.get("encoder", "miniconv"),
+            env_kwargs=env_kwargs(args.env_kwargs) or {},
             seed=args.seed,
             timesteps=args.timesteps,
             threads=args.threads,
@@ -129,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SplitedgeError(str(e)) from e
-    out = (
-        args.out or DEFAULT_RUNS / f"{cfg.task}-{cfg.algo}-{cfg.encoder}{_suffix(cfg)}-s{cfg.seed}"
+    out = args.out or DEFAULT_RUNS / (
+        f"{_safe(cfg.task)}-{cfg.algo}-{cfg.encoder}{_suffix(cfg)}-s{cfg.seed}"
     )
     argv = getattr(args, "argv", None)
     command = " ".join(shlex.quote(a) for a in ["splitedge", *argv]) if argv else None
@@ -156,6 +181,23 @@ def run(args: argparse.Namespace) -> int:
         result = {k: v for k, v in result.items() if k != "curve"} | {"out": str(out)}
     emit(result, args.json, text)
     return 0
+
+
+def _teacher_defaults(path: str) -> dict[str, str]:
+    """task/algo/encoder of the --distill-from model: its run's, or a model trained
+    elsewhere's algorithm with its own extractor (encoder "teacher")."""
+    from models.baselines import TEACHER_ENCODER
+    from models.delay_distill import foreign_teacher, teacher_record
+
+    zip_path, ours = teacher_record(path)
+    if ours is not None:
+        return {k: str(ours[k]) for k in ("task", "algo", "encoder")}
+    return {"algo": foreign_teacher(zip_path).algo, "encoder": TEACHER_ENCODER}
+
+
+def _safe(task: str) -> str:
+    """A task or env id as a folder name (my_envs.dot:DotReach -> my_envs.dot-DotReach)."""
+    return task.replace(":", "-").replace("/", "-")
 
 
 def _suffix(cfg: object) -> str:
