@@ -201,7 +201,7 @@ def test_probe_and_health_gate_compare_float_features_in_steps(
     float_served: Served, float_bundle: Path, tmp_path: Path
 ) -> None:
     from deploy.flash.package import stage_release
-    from edge.service import health
+    from edge.health import health
 
     release = tmp_path / "release"
     info = stage_release(

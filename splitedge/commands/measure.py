@@ -144,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from deploy import report
     from deploy.cell_store import CellStore, check_writable
-    from deploy.measure import MeasureConfig, cells_to_json, measure
+    from deploy.measure import MeasureConfig, measure
+    from deploy.measure_json import cells_to_json
 
     try:
         clients = [int(n) for n in _split(args.clients)]
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 def _write_partial(store: Any, cfg: Any, checks: list[dict[str, Any]]) -> int:
     """Write results.json/csv from the cells finished so far; how many there are."""
     from deploy import report
-    from deploy.measure import cells_to_json
+    from deploy.measure_json import cells_to_json
 
     if store.sweep is None or not store.sweep.cells:
         return 0
