@@ -107,9 +107,17 @@ def _linear(start: float) -> Any:
 
 
 def build(
-    algo: str, venv: Any, extractor: dict[str, Any], lr: float, seed: int, hyper: dict[str, Any]
+    algo: str,
+    venv: Any,
+    extractor: dict[str, Any],
+    lr: float,
+    seed: int,
+    hyper: dict[str, Any],
+    standard: bool = False,
 ) -> Any:
-    """An SB3 model of `algo` on `venv` with the given features extractor kwargs."""
+    """An SB3 model of `algo` on `venv` with the given features extractor kwargs; `standard`:
+    SB3's own off-policy policy class, whose actor trains its own extractor (a distilled
+    student's server-side layers), instead of ours, whose actor reads the critic's."""
     from stable_baselines3 import DDPG, PPO, SAC
     from stable_baselines3.common.noise import NormalActionNoise
 
@@ -123,15 +131,22 @@ def build(
         return PPO(name, venv, learning_rate=_linear(lr), policy_kwargs=pk, **common, **kwargs)
     pk = {**extractor, "net_arch": NET_ARCH[algo], "share_features_extractor": False}
     kwargs.setdefault("buffer_size", 100_000)
+    dict_obs = hasattr(venv.observation_space, "spaces")
+    own = "MultiInputPolicy" if dict_obs else "CnnPolicy"
     if algo == "sac":
         return SAC(
-            CriticEncoderSACPolicy, venv, learning_rate=lr, policy_kwargs=pk, **common, **kwargs
+            own if standard else CriticEncoderSACPolicy,
+            venv,
+            learning_rate=lr,
+            policy_kwargs=pk,
+            **common,
+            **kwargs,
         )
     n = venv.action_space.shape[0]
     half = (venv.action_space.high - venv.action_space.low) / 2
     noise = NormalActionNoise(mean=torch.zeros(n).numpy(), sigma=ACTION_NOISE * half)
     return DDPG(
-        CriticEncoderTD3Policy,
+        own if standard else CriticEncoderTD3Policy,
         venv,
         learning_rate=lr,
         action_noise=noise,
@@ -154,4 +169,5 @@ def actor_encoder(algo: str, policy: Any) -> nn.Module:
     """The encoder the deployed actor runs (the device side of the split)."""
     if algo == "ppo":
         return policy.features_extractor
-    return policy.actor.features_extractor.encoder
+    extractor = policy.actor.features_extractor
+    return extractor.encoder if isinstance(extractor, DetachedFeatures) else extractor

@@ -25,8 +25,9 @@ model's own features extractor class (config.encoder "teacher") and its algorith
 
 The student is the same model `--delay-profile` trains (InFlightExtractor: the encoder on
 the image, the actions in flight after its features, then the head), its encoder copied
-from the teacher and frozen, so the device's part is the teacher's and only the head
-learns. Loss: mean squared error in the policy's squashed action space ([-1, 1]).
+from the teacher and its device part frozen, so the device runs the teacher's encoder and
+the head learns (with a foreign teacher's server-side layers after its conv stack, which
+the student's own actor trains: SB3's standard policy class). Loss: mean squared error in the policy's squashed action space ([-1, 1]).
 Continuous actions (SAC, DDPG) only: a discrete teacher would need a cross-entropy head.
 """
 
@@ -203,14 +204,31 @@ def _image_encoder(model: Any) -> torch.nn.Module:
     return extractor.encoder if isinstance(extractor, DetachedFeatures) else extractor
 
 
+def device_part(extractor: torch.nn.Module) -> torch.nn.Module:
+    """What of an image extractor runs on the device, as export cuts it: a MiniConvExtractor
+    whole; else its one nn.Sequential holding Conv2d layers (the rest runs on the server)."""
+    from models.encoders import MiniConvExtractor
+
+    if isinstance(extractor, MiniConvExtractor):
+        return extractor
+    convs = [
+        m for m in extractor.children()
+        if isinstance(m, torch.nn.Sequential | torch.nn.ModuleList)
+        and any(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+    ]  # fmt: skip
+    return convs[0] if len(convs) == 1 else extractor
+
+
 def adopt_encoder(student: Any, teacher: Any) -> None:
-    """Copy the teacher's image encoder into the student's (actor and critic share it)."""
+    """Copy the teacher's image extractor into the student's and freeze its device part, so
+    the device runs the teacher's encoder; server-side layers after it (a model trained
+    elsewhere's Linear, say) start from the teacher's and learn with the head."""
     inner = _image_encoder(student)
     target = getattr(inner, "image", None)
     if target is None:
         raise SplitedgeError("the student is not a delay-aware model (no InFlightExtractor)")
     target.load_state_dict(_image_encoder(teacher).state_dict())
-    for p in target.parameters():
+    for p in device_part(target).parameters():
         p.requires_grad_(False)
 
 

@@ -200,7 +200,8 @@ def build_model(cfg: TrainConfig, teacher: Any = None) -> Any:
     else:
         extractor = extractor_kwargs(cfg.encoder, venv.observation_space)
     assert cfg.learning_rate is not None  # resolved in __post_init__
-    return build(cfg.algo, venv, extractor, cfg.learning_rate, cfg.seed, cfg.hyper)
+    standard = cfg.encoder == TEACHER_ENCODER  # its layers after the conv stack learn too
+    return build(cfg.algo, venv, extractor, cfg.learning_rate, cfg.seed, cfg.hyper, standard)
 
 
 def _fresh(env: str | Callable[[], Any], seed: int | None = None) -> Any:
