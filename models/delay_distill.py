@@ -27,12 +27,14 @@ The student is the same model `--delay-profile` trains (InFlightExtractor: the e
 the image, the actions in flight after its features, then the head), its encoder copied
 from the teacher and its device part frozen, so the device runs the teacher's encoder and
 the head learns (with a foreign teacher's server-side layers after its conv stack, which
-the student's own actor trains: SB3's standard policy class). Loss: mean squared error in the policy's squashed action space ([-1, 1]).
+the student's own actor trains: SB3's standard policy class). Loss: mean squared error in
+the policy's squashed action space ([-1, 1]).
 Continuous actions (SAC, DDPG) only: a discrete teacher would need a cross-entropy head.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,9 +153,7 @@ STUDENT_ALGO = {"sac": "sac", "td3": "ddpg", "ddpg": "ddpg"}
 def foreign_teacher(zip_path: Path) -> ForeignTeacher:
     """Load a model trained elsewhere and say what the student needs; one-line refusals for
     what distillation cannot imitate (on-policy or discrete actors, non-image observations)."""
-    from models.sb3_policy import load_model
-
-    model, algo = load_model(zip_path)
+    model, algo = _load_foreign(zip_path)
     if algo not in STUDENT_ALGO:
         raise SplitedgeError(
             f"--distill-from {zip_path}: a {algo.upper()} model; distillation imitates the "
@@ -168,6 +168,20 @@ def foreign_teacher(zip_path: Path) -> ForeignTeacher:
         )
     return ForeignTeacher(STUDENT_ALGO[algo], shape, model.action_space,
                           type(_image_encoder(model)).__name__)  # fmt: skip
+
+
+def _load_foreign(zip_path: Path) -> tuple[Any, str]:
+    """(model, algorithm) of a model trained elsewhere, loaded once per process and file
+    version: the CLI's defaults, TrainConfig's checks and training all read it."""
+    p = zip_path.resolve()
+    return _load_cached(p, p.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: Path, _version: int) -> tuple[Any, str]:
+    from models.sb3_policy import load_model
+
+    return load_model(path)
 
 
 def student_extractor(teacher: Any) -> dict[str, Any]:
@@ -193,7 +207,7 @@ def load_teacher(path: str | Path, task: str, algo: str, encoder: str) -> Any:
 
     zip_path, cfg = teacher_record(path)
     if cfg is None:
-        return load_model(zip_path)[0]
+        return _load_foreign(zip_path)[0]
     return load_model(check_teacher(path, task, algo, encoder), algo)[0]
 
 
@@ -208,15 +222,12 @@ def device_part(extractor: torch.nn.Module) -> torch.nn.Module:
     """What of an image extractor runs on the device, as export cuts it: a MiniConvExtractor
     whole; else its one nn.Sequential holding Conv2d layers (the rest runs on the server)."""
     from models.encoders import MiniConvExtractor
+    from models.sb3_policy import conv_sequences
 
     if isinstance(extractor, MiniConvExtractor):
         return extractor
-    convs = [
-        m for m in extractor.children()
-        if isinstance(m, torch.nn.Sequential | torch.nn.ModuleList)
-        and any(isinstance(x, torch.nn.Conv2d) for x in m.modules())
-    ]  # fmt: skip
-    return convs[0] if len(convs) == 1 else extractor
+    convs = conv_sequences(extractor)
+    return convs[0][1] if len(convs) == 1 else extractor
 
 
 def adopt_encoder(student: Any, teacher: Any) -> None:

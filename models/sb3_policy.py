@@ -176,6 +176,17 @@ def _actor_parts(algo: str, policy: Any) -> tuple[nn.Module, list[nn.Module]]:
     return extractor, [actor.mu, _Unscale(space)]  # TD3/DDPG: tanh is inside mu
 
 
+def conv_sequences(extractor: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the extractor's children that are an nn.Sequential or ModuleList
+    holding Conv2d layers: the candidates for the device part (export needs exactly one)."""
+    return [
+        (attr, mod)
+        for attr, mod in extractor.named_children()
+        if isinstance(mod, nn.Sequential | nn.ModuleList)
+        and any(isinstance(m, nn.Conv2d) for m in flatten_modules(mod))
+    ]
+
+
 def _split_extractor(
     extractor: nn.Module, shape: tuple[int, ...], scale: float
 ) -> tuple[MiniConv, nn.Module]:
@@ -183,12 +194,7 @@ def _split_extractor(
     name = type(extractor).__name__
     if isinstance(extractor, MiniConvExtractor):
         return extractor.encoder, nn.Identity()
-    seqs = [
-        (attr, mod)
-        for attr, mod in extractor.named_children()
-        if isinstance(mod, nn.Sequential | nn.ModuleList)
-        and any(isinstance(m, nn.Conv2d) for m in flatten_modules(mod))
-    ]
+    seqs = conv_sequences(extractor)
     if not seqs:
         conv = any(isinstance(m, nn.Conv2d) for m in extractor.modules())
         why = (

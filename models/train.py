@@ -101,7 +101,7 @@ class TrainConfig:
             raise ValueError(
                 f"task {self.task!r} has {kind} actions, which {self.algo} cannot drive"
             )
-        if foreign is not None and not _same_box(space, foreign.action_space):
+        if foreign is not None and space != foreign.action_space:
             raise ValueError(
                 f"env {self.task!r} acts in {space}, the teacher in {foreign.action_space}; "
                 "pass the env (and --env-kwargs) the model was trained on"
@@ -152,13 +152,6 @@ class TrainConfig:
         return make_env(self.task, seed=seed, expect_shape=self.image_shape, **self.env_kwargs)
 
 
-def _same_box(a: Any, b: Any) -> bool:
-    return (
-        getattr(a, "shape", None) == getattr(b, "shape", None)
-        and np.allclose(a.low, b.low) and np.allclose(a.high, b.high)
-    )  # fmt: skip
-
-
 class EpisodeCurve(BaseCallback):
     """Every finished training episode as (env steps so far, return), also appended to a
     `progress.jsonl` log so a long run can be watched (and a killed one still says how far it got)."""
@@ -204,20 +197,10 @@ def build_model(cfg: TrainConfig, teacher: Any = None) -> Any:
     return build(cfg.algo, venv, extractor, cfg.learning_rate, cfg.seed, cfg.hyper, standard)
 
 
-def _fresh(env: str | Callable[[], Any], seed: int | None = None) -> Any:
-    """A new env from a task name or a maker (TrainConfig.make), seeded when given."""
-    if isinstance(env, str):
-        return make_env(env, seed=seed)
-    made = env()
-    if seed is not None:
-        made.reset(seed=seed)
-        made.action_space.seed(seed)
-    return made
-
-
-def evaluate(policy: Any, task: str | Callable[[], Any], episodes: int, seed: int) -> list[float]:
-    """Episode returns of `policy(obs) -> action` (None = uniform random actions)."""
-    env = _fresh(task, seed)
+def evaluate(policy: Any, make: Callable[..., Any], episodes: int, seed: int) -> list[float]:
+    """Episode returns of `policy(obs) -> action` (None = uniform random actions) in envs of
+    `make(seed=...)` (TrainConfig.make)."""
+    env = make(seed=seed)
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
@@ -232,7 +215,7 @@ def evaluate(policy: Any, task: str | Callable[[], Any], episodes: int, seed: in
 
 
 def evaluate_model(
-    model: Any, task: str | Callable[[], Any], episodes: int, seed: int,
+    model: Any, make: Callable[..., Any], episodes: int, seed: int,
     realtime: dict[str, Any] | None = None,
 ) -> list[float]:  # fmt: skip
     """Deterministic returns of a trained model over `episodes` episodes (10 envs batched),
@@ -240,9 +223,7 @@ def evaluate_model(
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
 
-    venv = make_vec_env(
-        lambda: wrap_env(_fresh(task), realtime), n_envs=min(10, episodes), seed=seed
-    )
+    venv = make_vec_env(lambda: wrap_env(make(), realtime), n_envs=min(10, episodes), seed=seed)
     rewards, _ = evaluate_policy(
         model, venv, n_eval_episodes=episodes, deterministic=True, return_episode_rewards=True
     )

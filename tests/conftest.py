@@ -20,6 +20,16 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_BUNDLE = ROOT / "models" / "zoo" / "cartpole-ppo"
+# A links file with one short link for delay-aware training tests, and its delay in ticks
+D_TEST_LINKS = """
+[d-test]
+up_kbit = 2000
+down_kbit = 2000
+delay_ms = 55
+jitter_ms = 0
+queue_bytes = 65536
+"""
+D_TEST_DEPTH = 3  # 110 + 10 ms at 20 Hz: 2.4 ticks -> 3, by hand
 
 
 def _built_once(

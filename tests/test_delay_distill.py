@@ -25,16 +25,9 @@ from models.delay_wrapper import IN_FLIGHT_KEY
 from models.realtime_training import IMAGE_KEY
 from splitedge.bundle import load_bundle
 from splitedge.cli import main
+from tests.conftest import D_TEST_DEPTH, D_TEST_LINKS
 
-LINK = """
-[d-test]
-up_kbit = 2000
-down_kbit = 2000
-delay_ms = 55
-jitter_ms = 0
-queue_bytes = 65536
-"""
-DEPTH = 3  # 110 + 10 ms at 20 Hz: 2.4 ticks -> 3, by hand
+LINK, DEPTH = D_TEST_LINKS, D_TEST_DEPTH
 TINY = {"learning_starts": 64, "buffer_size": 1000, "batch_size": 32}
 
 

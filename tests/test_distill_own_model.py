@@ -17,20 +17,12 @@ import torch
 
 from splitedge.bundle import load_bundle
 from splitedge.cli import main
-from tests.conftest import ROOT
+from tests.conftest import D_TEST_DEPTH, D_TEST_LINKS, ROOT
 
 USER_DIR = ROOT / "examples" / "byom"
 ENV = "dot_env:DotTrack"
 CONTINUOUS = '{"continuous": true}'
-LINK = """
-[d-test]
-up_kbit = 2000
-down_kbit = 2000
-delay_ms = 55
-jitter_ms = 0
-queue_bytes = 65536
-"""
-DEPTH = 3  # 110 + 10 ms at 20 Hz: 2.4 ticks -> 3, by hand
+LINK, DEPTH = D_TEST_LINKS, D_TEST_DEPTH
 # The user's own project module: their extractor, which the student must run too.
 USER_POLICY = """
 import torch
